@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` (the study on embedded data) and `make test`.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+PIP     := $(BIN)/pip install --disable-pip-version-check -q -c constraints.txt
+
+.PHONY: venv run test lint bench clean sysdeps
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $(STAMP)
+
+# DCMTK (dcmsign) is the reference implementation our signatures are tested against.
+sysdeps:
+	@command -v dcmsign >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk; }
+
+run: venv
+	$(BIN)/medsec reproduce --out results
+
+test: venv sysdeps
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q
+
+bench: venv sysdeps
+	$(PIP) -e '.[bench]'
+	$(BIN)/python benchmarks/attack_speed.py
+	$(BIN)/python benchmarks/signature_speed.py
+
+clean:
+	rm -rf $(VENV) results .medsec-cache
