@@ -1,0 +1,225 @@
+"""The byte stream a DICOM digital signature covers (PS3.15 C.1), exactly as DCMTK builds it.
+
+Elements are encoded in Explicit VR Little Endian. Sequences and encapsulated pixel data carry
+no lengths: ``tag 'SQ' 00 00``, each item as ``FE FF 00 E0`` plus its elements (no item
+delimiter), then ``FE FF DD E0``. Values read from a little-endian file are fed to the hash as
+the very bytes pydicom read (no re-encoding, no copy of the pixel buffer); anything else goes
+through pydicom's element writer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable, Iterator
+from io import BytesIO
+from typing import Protocol
+
+import numpy as np
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
+from pydicom.tag import Tag
+
+ITEM_TAG = b"\xfe\xff\x00\xe0"
+SEQ_DELIMITER = b"\xfe\xff\xdd\xe0"
+PIXEL_DATA = 0x7FE00010
+MAC_PARAMETERS_SEQUENCE = 0x4FFE0001
+DIGITAL_SIGNATURES_SEQUENCE = 0xFFFAFFFA
+# Signature-item elements that are not part of the MAC (PS3.15 C.1): certificate, signature
+# and the certified timestamp, which are added after the MAC is computed.
+UNHASHED_SIGNATURE_ELEMENTS = frozenset({0x04000115, 0x04000120, 0x04000305, 0x04000310})
+
+_LONG_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+)
+_BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+_SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+_AMBIGUOUS_VRS = frozenset({"US or SS", "US or OW", "US or SS or OW", "OB or OW"})
+
+
+class Sink(Protocol):
+    """Anything with ``update(bytes)``: a hashlib object, or a collector for ``--dump``."""
+
+    def update(self, data: bytes | memoryview, /) -> None: ...
+
+
+class ByteCollector:
+    """A sink that keeps the stream, to compare with ``dcmsign --dump`` byte for byte."""
+
+    def __init__(self) -> None:
+        self._buf = BytesIO()
+
+    def update(self, data: bytes | memoryview, /) -> None:
+        self._buf.write(data)
+
+    def getvalue(self) -> bytes:
+        return self._buf.getvalue()
+
+
+def is_signable(tag: int) -> bool:
+    """Whether a tag may appear in Data Elements Signed (PS3.15 C.1; DCMTK isSignableTag)."""
+    group, element = tag >> 16, tag & 0xFFFF
+    return not (
+        element == 0
+        or tag == 0x00080001
+        or group < 0x0008
+        or group == 0xFFFA
+        or tag in (MAC_PARAMETERS_SEQUENCE, 0xFFFCFFFC, 0xFFFEE00D, 0xFFFEE0DD)
+    )
+
+
+def tags_of(ds: Dataset) -> list[int]:
+    """The tags of ``ds`` in ascending order, without converting any element.
+
+    (Iterating a pydicom Dataset yields converted elements, and ``keys()`` keeps insertion
+    order, which differs from tag order for elements added in memory.)
+    """
+    return sorted(map(int, ds.keys()))
+
+
+def _vr_of(ds: Dataset, tag: int) -> str:
+    """The element's VR, with implicit-VR and ambiguous VRs resolved as pydicom resolves them."""
+    raw = ds.get_item(tag)
+    vr = raw.VR if raw is not None else None
+    if vr is None or vr in _AMBIGUOUS_VRS:
+        vr = ds[tag].VR
+    return vr
+
+
+def contains_un(ds: Dataset) -> bool:
+    """Whether any element of ``ds``, at any depth, has VR UN (DCMTK never signs those)."""
+    for tag in tags_of(ds):
+        vr = _vr_of(ds, tag)
+        if vr == "UN":
+            return True
+        if vr == "SQ" and any(contains_un(item) for item in ds[tag].value):
+            return True
+    return False
+
+
+def default_signed_tags(ds: Dataset) -> list[int]:
+    """'Sign everything' at this level: signable tags, minus UN and sequences holding UN."""
+    tags = []
+    for tag in tags_of(ds):
+        if not is_signable(tag):
+            continue
+        vr = _vr_of(ds, tag)
+        if vr == "UN" or (vr == "SQ" and any(contains_un(item) for item in ds[tag].value)):
+            continue
+        tags.append(tag)
+    return tags
+
+
+def _header(tag: int, vr: str, length: int | None) -> bytes:
+    """Explicit VR LE element header; ``length=None`` leaves the length out (SQ, pixel SQ)."""
+    head = struct.pack("<HH2s", tag >> 16, tag & 0xFFFF, vr.encode("ascii"))
+    if length is None:
+        return head + b"\x00\x00"
+    if vr in _LONG_VRS:
+        return head + struct.pack("<HI", 0, length)
+    return head + struct.pack("<H", length)
+
+
+def _fragments(value: bytes) -> Iterator[memoryview]:
+    """The items of an encapsulated pixel data value (offset table first), as zero-copy views."""
+    view = memoryview(value)
+    pos, end = 0, len(view)
+    while pos + 8 <= end:
+        tag = bytes(view[pos : pos + 4])
+        (length,) = struct.unpack_from("<I", view, pos + 4)
+        if tag == SEQ_DELIMITER:
+            return
+        if tag != ITEM_TAG or pos + 8 + length > end:
+            raise ValueError("malformed encapsulated pixel data")
+        yield view[pos + 8 : pos + 8 + length]
+        pos += 8 + length
+    if pos != end:
+        raise ValueError("malformed encapsulated pixel data")
+
+
+class MacStreamWriter:
+    """Encodes elements of a dataset (recursively) into a sink in DCMTK's signature format."""
+
+    def __init__(self, sink: Sink, encodings: list[str]) -> None:
+        self.sink = sink
+        self.encodings = encodings
+
+    @classmethod
+    def for_dataset(cls, sink: Sink, ds: Dataset) -> MacStreamWriter:
+        """A writer using ``ds``'s character set for any value that must be re-encoded."""
+        charset = ds.get("SpecificCharacterSet") if "SpecificCharacterSet" in ds else None
+        return cls(sink, convert_encodings(charset))
+
+    def write_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
+        """Write the given elements of ``ds`` in ascending tag order; all must be present."""
+        for tag in sorted(tags):
+            self.write_element(ds, tag)
+
+    def write_item(self, item: Dataset) -> None:
+        """A sequence item: its tag without length, then every element, no item delimiter."""
+        self.sink.update(ITEM_TAG)
+        for tag in tags_of(item):
+            self.write_element(item, tag)
+
+    def write_element(self, ds: Dataset, tag: int) -> None:
+        raw = ds.get_item(tag)
+        if raw is None:
+            raise KeyError(tag)
+        vr = _vr_of(ds, tag)
+        sink = self.sink
+        if vr == "SQ":
+            sink.update(_header(tag, "SQ", None))
+            for item in ds[tag].value:
+                self.write_item(item)
+            sink.update(SEQ_DELIMITER)
+            return
+        little = raw.is_little_endian if isinstance(raw, RawDataElement) else True
+        if isinstance(raw, RawDataElement) and little and not _is_encapsulated(raw):
+            value = raw.value or b""
+            sink.update(_header(tag, vr, len(value)))
+            sink.update(value)
+            return
+        elem = ds[tag]
+        if vr in _BINARY_VRS:
+            self._write_binary(elem, vr, swap=not little)
+        else:
+            fp = DicomBytesIO()
+            fp.is_little_endian, fp.is_implicit_VR = True, False
+            if elem.VR in _AMBIGUOUS_VRS:
+                elem = correct_ambiguous_vr_element(elem, ds, True)
+            write_data_element(fp, elem, self.encodings)
+            sink.update(fp.getvalue())
+
+    def _write_binary(self, elem: DataElement, vr: str, swap: bool) -> None:
+        """OB/OW/... values: hashed in place; big-endian words swapped; encapsulated unrolled."""
+        value = elem.value if elem.value is not None else b""
+        tag = int(elem.tag)
+        if elem.is_undefined_length:
+            self.sink.update(_header(tag, vr, None))
+            for frag in _fragments(value):
+                self.sink.update(ITEM_TAG)
+                self.sink.update(frag)
+            self.sink.update(SEQ_DELIMITER)
+            return
+        if isinstance(value, list | tuple):  # a multi-valued OB/OW list from user code
+            value = b"".join(value)
+        if swap and vr in _SWAP_WIDTH and len(value) % _SWAP_WIDTH[vr] == 0:
+            dtype = np.dtype(f">u{_SWAP_WIDTH[vr]}")
+            value = np.frombuffer(value, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
+        padded = len(value) + (len(value) & 1)
+        self.sink.update(_header(tag, vr, padded))
+        self.sink.update(value)
+        if padded != len(value):
+            self.sink.update(b"\x00")
+
+
+def _is_encapsulated(raw: RawDataElement) -> bool:
+    return raw.length == 0xFFFFFFFF
+
+
+def tag_str(tag: int) -> str:
+    """``(gggg,eeee)``, the way DICOM tools print tags."""
+    t = Tag(tag)
+    return f"({t.group:04X},{t.element:04X})"
