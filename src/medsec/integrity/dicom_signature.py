@@ -18,6 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import io
+import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
@@ -191,6 +193,7 @@ def _signature_stream(
     writer.write_elements(
         sig_item, [t for t in tags_of(sig_item) if t not in UNHASHED_SIGNATURE_ELEMENTS]
     )
+    writer.flush()
 
 
 def _check_key_cert(key: PrivateKey, cert: x509.Certificate) -> None:
@@ -318,7 +321,7 @@ def _signature_levels(ds: Dataset, path: str = "") -> Iterator[tuple[str, Datase
     for tag in tags_of(ds):
         if tag in (DIGITAL_SIGNATURES_SEQUENCE, MAC_PARAMETERS_SEQUENCE):
             continue
-        raw = ds.get_item(tag)
+        raw = ds.get_item(tag, keep_deferred=True)
         if raw is None or raw.VR not in ("SQ", None):
             continue
         elem = ds[tag]
@@ -426,23 +429,19 @@ def _tag_list(value: object) -> list[int]:
     return [int(value)]  # type: ignore[call-overload]
 
 
-def _load(source: Dataset | Path | str) -> Dataset:
-    if isinstance(source, Dataset):
-        return source
-    path = Path(source)
-    ds = read_dicom(path)
-    _check_complete(ds, path)
-    return ds
-
-
-def _check_complete(ds: Dataset, path: Path) -> None:
+def _check_complete(ds: Dataset, path: Path, size: int) -> None:
     """pydicom tolerates a file cut inside the last value; a verifier must not."""
     for tag in tags_of(ds):
-        raw = ds.get_item(tag)
-        length = getattr(raw, "length", None)
-        value = getattr(raw, "value", None)
-        if length not in (None, 0xFFFFFFFF) and isinstance(value, bytes) and len(value) < length:
-            raise MedsecError(f"{path}: truncated in element {tag_str(tag)}")
+        raw = ds.get_item(tag, keep_deferred=True)
+        if not isinstance(raw, RawDataElement) or raw.length == 0xFFFFFFFF:
+            continue
+        have = len(raw.value) if raw.value is not None else size - raw.value_tell
+        if have < raw.length:
+            raise MedsecError(f"{path}: file truncated in element {tag_str(tag)}")
+
+
+# Values at least this long stay in the file and are hashed from the mapping (no copy).
+_DEFER_BYTES = 1 << 16
 
 
 def verify_dataset(
@@ -456,15 +455,41 @@ def verify_dataset(
 
     Never raises for bad input: an unreadable, truncated or corrupt file is a failed result
     (status UNREADABLE). By default every signable top-level element must be covered by a valid
-    signature, so nothing can be added unnoticed next to a signed image.
+    signature, so nothing can be added unnoticed next to a signed image. To feed a model, read
+    the file once and verify that in-memory dataset, so what was checked is what is used.
     """
+    policy = (require_signature, require_creator, allow_unsigned_elements)
+    if isinstance(source, Dataset):
+        return _verify(source, None, trust, *policy)
+    path = Path(source)
     try:
-        ds = _load(source)
+        with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            view = memoryview(mm)
+            try:
+                ds = dcmread(fh, defer_size=_DEFER_BYTES)
+                _check_complete(ds, path, len(mm))
+                return _verify(ds, view, trust, *policy)
+            finally:
+                view.release()
     except MedsecError as exc:
         return VerificationResult(False, Status.UNREADABLE, str(exc))
+    except (OSError, InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+        return VerificationResult(
+            False, Status.UNREADABLE, f"{path}: not a readable DICOM file ({exc})"
+        )
+
+
+def _verify(
+    ds: Dataset,
+    source: memoryview | None,
+    trust: TrustStore,
+    require_signature: bool,
+    require_creator: bool,
+    allow_unsigned_elements: bool,
+) -> VerificationResult:
     checks: list[SignatureCheck] = []
     try:
-        writer = MacStreamWriter.for_dataset(_NullSink(), ds)
+        writer = MacStreamWriter.for_dataset(_NullSink(), ds, source)
         for location, level in _signature_levels(ds):
             for sig_item in level[DIGITAL_SIGNATURES_SEQUENCE].value:
                 check = SignatureCheck(index=len(checks) + 1, location=location)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
@@ -79,9 +79,9 @@ def tags_of(ds: Dataset) -> list[int]:
     return sorted(map(int, ds.keys()))
 
 
-def _vr_of(ds: Dataset, tag: int) -> str:
+def vr_of(ds: Dataset, tag: int) -> str:
     """The element's VR, with implicit-VR and ambiguous VRs resolved as pydicom resolves them."""
-    raw = ds.get_item(tag)
+    raw = ds.get_item(tag, keep_deferred=True)
     vr = raw.VR if raw is not None else None
     if vr is None or vr in _AMBIGUOUS_VRS:
         vr = ds[tag].VR
@@ -91,7 +91,7 @@ def _vr_of(ds: Dataset, tag: int) -> str:
 def contains_un(ds: Dataset) -> bool:
     """Whether any element of ``ds``, at any depth, has VR UN (DCMTK never signs those)."""
     for tag in tags_of(ds):
-        vr = _vr_of(ds, tag)
+        vr = vr_of(ds, tag)
         if vr == "UN":
             return True
         if vr == "SQ" and any(contains_un(item) for item in ds[tag].value):
@@ -105,7 +105,7 @@ def default_signed_tags(ds: Dataset) -> list[int]:
     for tag in tags_of(ds):
         if not is_signable(tag):
             continue
-        vr = _vr_of(ds, tag)
+        vr = vr_of(ds, tag)
         if vr == "UN" or (vr == "SQ" and any(contains_un(item) for item in ds[tag].value)):
             continue
         tags.append(tag)
@@ -122,7 +122,7 @@ def _header(tag: int, vr: str, length: int | None) -> bytes:
     return head + struct.pack("<H", length)
 
 
-def _fragments(value: bytes) -> Iterator[memoryview]:
+def _fragments(value: bytes | bytearray | memoryview) -> Iterator[memoryview]:
     """The items of an encapsulated pixel data value (offset table first), as zero-copy views."""
     view = memoryview(value)
     pos, end = 0, len(view)
@@ -140,17 +140,41 @@ def _fragments(value: bytes) -> Iterator[memoryview]:
 
 
 class MacStreamWriter:
-    """Encodes elements of a dataset (recursively) into a sink in DCMTK's signature format."""
+    """Encodes elements of a dataset (recursively) into a sink in DCMTK's signature format.
 
-    def __init__(self, sink: Sink, encodings: list[str]) -> None:
+    Small pieces are gathered in a buffer so the hash sees few, large updates; big values go
+    to the hash directly. ``source`` is the mapped file a dataset was read from with deferred
+    values: those are hashed straight from the page cache, never copied.
+    """
+
+    _DIRECT = 1 << 14  # values at least this long bypass the buffer
+
+    def __init__(self, sink: Sink, encodings: list[str], source: memoryview | None = None):
         self.sink = sink
         self.encodings = encodings
+        self.source = source
+        self._buf = bytearray()
 
     @classmethod
-    def for_dataset(cls, sink: Sink, ds: Dataset) -> MacStreamWriter:
+    def for_dataset(
+        cls, sink: Sink, ds: Dataset, source: memoryview | None = None
+    ) -> MacStreamWriter:
         """A writer using ``ds``'s character set for any value that must be re-encoded."""
         charset = ds.get("SpecificCharacterSet") if "SpecificCharacterSet" in ds else None
-        return cls(sink, convert_encodings(charset))
+        return cls(sink, convert_encodings(charset), source)
+
+    def _emit(self, data: bytes | memoryview) -> None:
+        if len(data) >= self._DIRECT:
+            self.flush()
+            self.sink.update(data)
+        else:
+            self._buf += data
+
+    def flush(self) -> None:
+        """Hand buffered bytes to the sink; call once all elements are written."""
+        if self._buf:
+            self.sink.update(self._buf)
+            self._buf = bytearray()
 
     def write_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
         """Write the given elements of ``ds`` in ascending tag order; all must be present."""
@@ -159,64 +183,80 @@ class MacStreamWriter:
 
     def write_item(self, item: Dataset) -> None:
         """A sequence item: its tag without length, then every element, no item delimiter."""
-        self.sink.update(ITEM_TAG)
+        self._emit(ITEM_TAG)
         for tag in tags_of(item):
             self.write_element(item, tag)
 
+    def _raw_value(self, raw: RawDataElement) -> bytes | memoryview:
+        """The value bytes as read, or for a deferred value its slice of the mapped file."""
+        if raw.value is not None or raw.length == 0:
+            return raw.value or b""
+        if self.source is None:
+            raise ValueError(f"deferred value of {tag_str(raw.tag)} without its source file")
+        start, stop = raw.value_tell, raw.value_tell + raw.length
+        if stop > len(self.source):
+            raise ValueError(f"file truncated in element {tag_str(raw.tag)}")
+        return self.source[start:stop]
+
     def write_element(self, ds: Dataset, tag: int) -> None:
-        raw = ds.get_item(tag)
+        """One element in signature format (sequences recursively)."""
+        raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
             raise KeyError(tag)
-        vr = _vr_of(ds, tag)
-        sink = self.sink
+        is_raw = isinstance(raw, RawDataElement)
+        vr = raw.VR
+        if vr is None or vr in _AMBIGUOUS_VRS:
+            vr = ds[tag].VR
         if vr == "SQ":
-            sink.update(_header(tag, "SQ", None))
+            self._emit(_header(tag, "SQ", None))
             for item in ds[tag].value:
                 self.write_item(item)
-            sink.update(SEQ_DELIMITER)
+            self._emit(SEQ_DELIMITER)
             return
-        little = raw.is_little_endian if isinstance(raw, RawDataElement) else True
-        if isinstance(raw, RawDataElement) and little and not _is_encapsulated(raw):
-            value = raw.value or b""
-            sink.update(_header(tag, vr, len(value)))
-            sink.update(value)
+        little = raw.is_little_endian if is_raw else True
+        undefined = raw.length == 0xFFFFFFFF if is_raw else raw.is_undefined_length
+        if is_raw and not undefined and (little or vr in ("OB", "UN")):
+            value = self._raw_value(raw)
+            if len(value) % 2 == 0:  # odd (invalid) values go through the padding writer
+                self._emit(_header(tag, vr, len(value)))
+                self._emit(value)
+                return
+        if vr in _BINARY_VRS:
+            value = self._raw_value(raw) if is_raw and raw.value is None else ds[tag].value
+            self._write_binary(tag, vr, value, undefined, swap=not little)
             return
         elem = ds[tag]
-        if vr in _BINARY_VRS:
-            self._write_binary(elem, vr, swap=not little)
-        else:
-            fp = DicomBytesIO()
-            fp.is_little_endian, fp.is_implicit_VR = True, False
-            if elem.VR in _AMBIGUOUS_VRS:
-                elem = correct_ambiguous_vr_element(elem, ds, True)
-            write_data_element(fp, elem, self.encodings)
-            sink.update(fp.getvalue())
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        if elem.VR in _AMBIGUOUS_VRS:
+            elem = correct_ambiguous_vr_element(elem, ds, True)
+        write_data_element(fp, elem, self.encodings)
+        self._emit(fp.getvalue())
 
-    def _write_binary(self, elem: DataElement, vr: str, swap: bool) -> None:
+    def _write_binary(
+        self, tag: int, vr: str, value: object, undefined_length: bool, swap: bool
+    ) -> None:
         """OB/OW/... values: hashed in place; big-endian words swapped; encapsulated unrolled."""
-        value = elem.value if elem.value is not None else b""
-        tag = int(elem.tag)
-        if elem.is_undefined_length:
-            self.sink.update(_header(tag, vr, None))
-            for frag in _fragments(value):
-                self.sink.update(ITEM_TAG)
-                self.sink.update(frag)
-            self.sink.update(SEQ_DELIMITER)
-            return
+        if value is None:
+            value = b""
         if isinstance(value, list | tuple):  # a multi-valued OB/OW list from user code
             value = b"".join(value)
+        assert isinstance(value, bytes | bytearray | memoryview)
+        if undefined_length:
+            self._emit(_header(tag, vr, None))
+            for frag in _fragments(value):
+                self._emit(ITEM_TAG)
+                self._emit(frag)
+            self._emit(SEQ_DELIMITER)
+            return
         if swap and vr in _SWAP_WIDTH and len(value) % _SWAP_WIDTH[vr] == 0:
             dtype = np.dtype(f">u{_SWAP_WIDTH[vr]}")
             value = np.frombuffer(value, dtype=dtype).astype(dtype.newbyteorder("<")).tobytes()
         padded = len(value) + (len(value) & 1)
-        self.sink.update(_header(tag, vr, padded))
-        self.sink.update(value)
+        self._emit(_header(tag, vr, padded))
+        self._emit(value)
         if padded != len(value):
-            self.sink.update(b"\x00")
-
-
-def _is_encapsulated(raw: RawDataElement) -> bool:
-    return raw.length == 0xFFFFFFFF
+            self._emit(b"\x00")
 
 
 def tag_str(tag: int) -> str:
