@@ -1,4 +1,4 @@
-"""One error type for everything a user can get wrong; the CLI turns it into one line + exit code."""
+"""One error type for what a user can get wrong; the CLI turns it into one line + exit code."""
 
 
 class MedsecError(Exception):

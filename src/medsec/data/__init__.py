@@ -38,8 +38,13 @@ def load_dataset(spec: str, *, size: int = 64, **kwargs: Any) -> Dataset:
             raise MedsecError(
                 f"unknown data set {spec!r}: not one of {', '.join(EMBEDDED)} and no such file"
             )
-        kind = "medmnist" if path.suffix == ".npz" else "dicom" if path.suffix == ".csv" else (
-            "folder" if path.is_dir() else "")
+        kind = (
+            "medmnist"
+            if path.suffix == ".npz"
+            else "dicom"
+            if path.suffix == ".csv"
+            else ("folder" if path.is_dir() else "")
+        )
         rest = spec
     kwargs = {k: v for k, v in kwargs.items() if k in _SOURCE_KWARGS.get(kind, ())}
     if kind == "medmnist":

@@ -115,6 +115,7 @@ def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
 
     t = torch.from_numpy(images)
     antialias = images.shape[-1] > size
-    out = F.interpolate(t, size=(size, size), mode="bilinear", antialias=antialias,
-                        align_corners=False)
+    out = F.interpolate(
+        t, size=(size, size), mode="bilinear", antialias=antialias, align_corners=False
+    )
     return out.clamp_(0, 1).numpy()
