@@ -19,8 +19,9 @@ Registrar = Callable[[argparse._SubParsersAction], None]
 def _registrars() -> list[Registrar]:
     from medsec.evaluation import cli as eval_cli
     from medsec.integrity import cli as integrity_cli
+    from medsec.service import cli as service_cli
 
-    return [eval_cli.register, integrity_cli.register]
+    return [eval_cli.register, integrity_cli.register, service_cli.register]
 
 
 def build_parser() -> argparse.ArgumentParser:

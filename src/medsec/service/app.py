@@ -1,0 +1,213 @@
+"""The FastAPI application: authenticate, rate-limit, read, gate, predict, audit, answer.
+
+Endpoints: ``GET /healthz`` (no authentication, says only that the process is up),
+``GET /v1/info`` and ``POST /v1/predict`` (bearer token). Every predict request, accepted or
+refused, is written to the audit log before the response leaves; if the audit write fails the
+request fails (500), so no prediction is ever served unaudited.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medsec.integrity import VerificationResult
+from medsec.models import Victim
+from medsec.service.access import Authenticator, RateLimiter
+from medsec.service.audit import AuditLog
+from medsec.service.config import ServiceConfig
+from medsec.service.gate import CheckedImage, ImagePolicy, Refusal, check_upload
+
+log = logging.getLogger("medsec.service")
+DICOM_TYPES = ("application/dicom", "application/octet-stream")
+
+
+@dataclass
+class ServiceState:
+    """What the app needs at run time; built (and verified) by ``medsec.service.server``."""
+
+    config: ServiceConfig
+    model: Victim
+    model_meta: dict[str, Any]
+    policy: ImagePolicy
+    auth: Authenticator
+    limiter: RateLimiter
+    audit: AuditLog
+
+    def __post_init__(self) -> None:
+        self._model_lock = threading.Lock()
+
+    def predict(self, body: bytes) -> tuple[CheckedImage, dict[str, Any]]:
+        """Gate then run the model on exactly the gated pixels (one at a time: CPU-bound)."""
+        checked = check_upload(body, self.policy)
+        with self._model_lock, torch.inference_mode():
+            proba = torch.softmax(self.model(checked.tensor), dim=1)[0]
+        probs = [round(float(p), 6) for p in proba]
+        return checked, {"label": int(proba.argmax()), "probabilities": probs}
+
+
+def _verification_json(result: VerificationResult | None) -> dict[str, Any] | None:
+    if result is None:
+        return None
+    return {
+        "ok": result.ok,
+        "status": result.status.name,
+        "reason": result.reason,
+        "signatures": [
+            {"signer": c.signer, "mac": c.mac_algorithm, "uid": c.uid, "creator": c.creator}
+            for c in result.signatures
+        ],
+    }
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise Refusal(400, "bad_request", "Content-Length is not a number")
+        if int(declared) > limit:
+            raise Refusal(413, "too_large", f"body of {declared} bytes exceeds {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Refusal(413, "too_large", f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _error(status: int, code: str, reason: str, **extra: Any) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"error": reason, "code": code, **extra}, status, headers=headers)
+
+
+def create_app(state: ServiceState) -> FastAPI:
+    """The ASGI app; no interactive docs or schema endpoints (nothing unauthenticated)."""
+    app = FastAPI(title="medsec", docs_url=None, redoc_url=None, openapi_url=None)
+    model_sha = state.model_meta["file_sha256"]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, "http", str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "bad_request", f"malformed request ({len(exc.errors())} error(s))")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error", exc_info=exc)
+        return _error(500, "internal", "internal error; the service log has the details")
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/info")
+    async def info(request: Request) -> JSONResponse:
+        client = state.auth.client_for(request.headers.get("authorization"))
+        if client is None:
+            return _error(401, "unauthorized", "missing or invalid bearer token")
+        p = state.policy
+        return JSONResponse(
+            {
+                "client": client,
+                "model": {
+                    "arch": state.model_meta["arch"],
+                    "file_sha256": model_sha,
+                    "image_size": p.image_size,
+                    "channels": p.channels,
+                },
+                "policy": {
+                    "require_signature": p.require_signature,
+                    "require_creator": p.require_creator,
+                    "allow_unsigned_elements": p.allow_unsigned_elements,
+                    "min_mac": p.min_mac,
+                    "modalities": list(p.modalities),
+                    "resize": p.resize,
+                    "max_body_bytes": state.config.max_body_bytes,
+                },
+            }
+        )
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        client = state.auth.client_for(request.headers.get("authorization"))
+        record: dict[str, Any] = {
+            "client": client,
+            "remote": request.client.host if request.client else None,
+            "sop_instance_uid": None,
+            "verification": None,
+            "prediction": None,
+            "model_sha256": model_sha,
+        }
+        headers: dict[str, str] = {}
+        try:
+            if client is None:
+                raise Refusal(401, "unauthorized", "missing or invalid bearer token")
+            wait = state.limiter.acquire(client)
+            if wait is not None:
+                headers["Retry-After"] = str(max(1, round(wait + 0.5)))
+                raise Refusal(429, "rate_limited", f"rate limit exceeded; retry in {wait:.2f} s")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in DICOM_TYPES:
+                raise Refusal(
+                    415, "unsupported_media_type",
+                    f"Content-Type {ctype or 'absent'!r}; send application/dicom",
+                )  # fmt: skip
+            body = await _read_body(request, state.config.max_body_bytes)
+            checked, prediction = await run_in_threadpool(state.predict, body)
+            verification = _verification_json(checked.verification)
+            record.update(
+                sop_instance_uid=checked.sop_instance_uid,
+                verification=verification,
+                prediction=prediction,
+            )
+            status, payload = (
+                200,
+                {
+                    "sop_instance_uid": checked.sop_instance_uid,
+                    "prediction": prediction,
+                    "verification": verification,
+                    "resized": checked.resized,
+                    "model_sha256": model_sha,
+                },
+            )
+        except Refusal as refusal:
+            record["verification"] = _verification_json(refusal.verification)
+            status = refusal.http_status
+            payload = {"error": refusal.reason, "code": refusal.code}
+            if refusal.verification is not None:
+                payload["verification"] = record["verification"]
+            record["sop_instance_uid"] = refusal.sop_instance_uid
+        except Exception:  # a bug: logged with its traceback here, one line to the client
+            log.exception("predict failed")
+            status = 500
+            payload = {
+                "error": "internal error; the service log has the details",
+                "code": "internal",
+            }
+        record.update(
+            status=status,
+            code=payload.get("code", "ok"),
+            reason=payload.get("error"),
+            ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        payload["audit_hash"] = await run_in_threadpool(state.audit.append, record)
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(payload, status, headers=headers)
+
+    return app

@@ -1,0 +1,186 @@
+"""The gate in front of the model: parse once, verify, validate, and hand over exactly that.
+
+An upload is read with pydicom from the request bytes once; that in-memory dataset is what the
+signature check sees and what the pixels come from, so nothing can change between check and
+use. Every refusal is a :class:`Refusal` with an HTTP status, a short code and one line of
+reason (never a traceback).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+
+from medsec.errors import MedsecError
+from medsec.integrity import Status, TrustStore, VerificationResult, dicom_to_image, verify_dataset
+from medsec.integrity.mac_stream import tag_str, tags_of
+from medsec.service.config import MAC_STRENGTH
+
+MAX_DIM = 4096  # rows/columns beyond this are refused before any pixel is decoded
+_UNDEFINED = 0xFFFFFFFF
+
+# Signature failures -> (HTTP status, code). 403: a well-formed request for an image that is
+# not authorised to reach the model. An unreadable structure inside the signature is 422.
+_VERIFY_REFUSALS: dict[Status, tuple[int, str]] = {
+    Status.MISSING: (403, "unsigned"),
+    Status.INVALID: (403, "tampered"),
+    Status.UNTRUSTED: (403, "untrusted_signer"),
+    Status.PROFILE: (403, "signature_profile"),
+    Status.UNREADABLE: (422, "corrupt"),
+}
+
+
+class Refusal(Exception):
+    """A request the service declines: HTTP status, machine code, one-line reason."""
+
+    def __init__(
+        self,
+        http_status: int,
+        code: str,
+        reason: str,
+        verification: VerificationResult | None = None,
+    ) -> None:
+        super().__init__(reason)
+        self.http_status = http_status
+        self.code = code
+        self.reason = " ".join(reason.split())  # one line, whatever the source said
+        self.verification = verification
+        self.sop_instance_uid: str | None = None  # set once the upload has parsed
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """What an image must satisfy; ``verify=False`` exists only for overhead measurements."""
+
+    trust: TrustStore
+    channels: int
+    image_size: int
+    require_signature: bool = True
+    require_creator: bool = True
+    allow_unsigned_elements: bool = False
+    min_mac: str = "SHA256"
+    modalities: tuple[str, ...] = ("OT",)
+    resize: bool = False
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class CheckedImage:
+    """An accepted upload: its UID, the model input (1,C,H,W) and the verification verdict."""
+
+    sop_instance_uid: str
+    tensor: torch.Tensor
+    verification: VerificationResult | None
+    resized: bool
+
+
+def _parse(body: bytes) -> Dataset:
+    if not body:
+        raise Refusal(400, "empty_body", "request body is empty; send a DICOM Part 10 file")
+    if len(body) < 132 or body[128:132] != b"DICM":
+        raise Refusal(415, "not_dicom", "body is not a DICOM Part 10 file (no DICM at byte 128)")
+    try:
+        ds = dcmread(io.BytesIO(body))
+    except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
+        raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
+    _check_complete(ds, len(body))
+    return ds
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
+    """pydicom accepts a file cut inside a value or a header; the gate must not."""
+    end = None
+    for tag in tags_of(ds):
+        raw = ds.get_item(tag)
+        if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED:
+            end = None
+            continue
+        if raw.value is not None and len(raw.value) < raw.length:
+            raise Refusal(422, "truncated", f"DICOM truncated inside element {tag_str(tag)}")
+        end = raw.value_tell + raw.length
+    if end is not None and end != size:
+        raise Refusal(422, "truncated", f"DICOM ends mid-element ({size - end} stray byte(s))")
+
+
+def _verify(ds: Dataset, policy: ImagePolicy) -> VerificationResult:
+    result = verify_dataset(
+        ds,
+        policy.trust,
+        require_signature=policy.require_signature,
+        require_creator=policy.require_creator,
+        allow_unsigned_elements=policy.allow_unsigned_elements,
+    )
+    if not result.ok:
+        status, code = _VERIFY_REFUSALS[result.status]
+        raise Refusal(status, code, result.reason, result)
+    floor = MAC_STRENGTH.index(policy.min_mac)
+    for check in result.signatures:
+        if MAC_STRENGTH.index(check.mac_algorithm) < floor:
+            reason = f"{check.name} uses {check.mac_algorithm}, weaker than {policy.min_mac}"
+            raise Refusal(403, "weak_hash", reason, result)
+    return result
+
+
+def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
+    modality = str(ds.get("Modality", "")).strip()
+    if modality not in policy.modalities:
+        allowed = ", ".join(policy.modalities)
+        raise Refusal(
+            422, "wrong_modality", f"modality {modality or 'absent'!r}; expected {allowed}"
+        )
+    if "PixelData" not in ds:
+        raise Refusal(422, "bad_pixels", "no Pixel Data (7FE0,0010)")
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is None or syntax.is_compressed:
+        raise Refusal(422, "bad_pixels", f"transfer syntax {syntax}: send uncompressed pixels")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise Refusal(422, "bad_pixels", f"image pixel module incomplete ({exc})") from exc
+    if not (0 < rows <= MAX_DIM and 0 < cols <= MAX_DIM) or frames != 1:
+        raise Refusal(
+            422, "bad_pixels", f"{frames} frame(s) of {rows}x{cols}: one 2-D image expected"
+        )
+    expected = rows * cols * samples * ((int(ds.get("BitsAllocated", 8)) + 7) // 8)
+    if len(ds.PixelData) not in (expected, expected + (expected & 1)):
+        raise Refusal(
+            422, "bad_pixels", f"Pixel Data holds {len(ds.PixelData)} bytes, expected {expected}"
+        )
+    try:
+        image = dicom_to_image(ds)
+    except MedsecError as exc:
+        raise Refusal(422, "bad_pixels", str(exc)) from exc
+    x = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[None]))[None]
+    if x.shape[1] != policy.channels:
+        raise Refusal(
+            422, "wrong_shape", f"{x.shape[1]} channel(s); the model takes {policy.channels}"
+        )
+    size = policy.image_size
+    if (rows, cols) == (size, size):
+        return x, False
+    if not policy.resize:
+        raise Refusal(422, "wrong_shape", f"image is {rows}x{cols}; the model takes {size}x{size}")
+    resized = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
+    return resized.clamp_(0.0, 1.0), True
+
+
+def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
+    """Parse, verify and validate one upload; raise :class:`Refusal` on the first failure."""
+    ds = _parse(body)
+    uid = str(ds.get("SOPInstanceUID", ""))
+    try:
+        verification = _verify(ds, policy) if policy.verify else None
+        tensor, resized = _pixels(ds, policy)
+    except Refusal as refusal:
+        refusal.sop_instance_uid = uid
+        raise
+    return CheckedImage(uid, tensor, verification, resized)
