@@ -1,1 +1,44 @@
-"""medsec.attacks."""
+"""One attack engine: the PGD loop, composable losses, EOT/BPDA, and one success criterion."""
+
+from medsec.attacks.criteria import Criterion
+from medsec.attacks.losses import (
+    LossTerm,
+    Objective,
+    as_two_logits,
+    create_loss,
+    cross_entropy,
+    logits_forward,
+    margin,
+)
+from medsec.attacks.pgd import (
+    PRESETS,
+    AttackResult,
+    AttackSpec,
+    default_objective,
+    eval_mode,
+    pgd,
+    preset,
+    run_attack,
+)
+from medsec.attacks.transforms import BPDA, EOT
+
+__all__ = [
+    "BPDA",
+    "EOT",
+    "PRESETS",
+    "AttackResult",
+    "AttackSpec",
+    "Criterion",
+    "LossTerm",
+    "Objective",
+    "as_two_logits",
+    "create_loss",
+    "cross_entropy",
+    "default_objective",
+    "eval_mode",
+    "logits_forward",
+    "margin",
+    "pgd",
+    "preset",
+    "run_attack",
+]

@@ -264,7 +264,8 @@ def make_embedded(
             raise MedsecError(f"{label} must be >= 2, got {n}")
     _, classes, source = _GENERATORS[name]
     counts = {"train": n_train, "val": n_val, "test": n_test}
-    key = hash_arrays(extra=f"v{GENERATOR_VERSION}|{name}|{size}|{counts}|{seed}")[:16]
+    knobs = (CXR_NODULE_SIGMA, CXR_NODULE_AMP, FUNDUS_LESION_AMP)
+    key = hash_arrays(extra=f"v{GENERATOR_VERSION}|{name}|{size}|{counts}|{seed}|{knobs}")[:16]
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = cache / f"{name}-{size}px-{key}.npz"
     provenance = {

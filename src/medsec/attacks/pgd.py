@@ -1,0 +1,284 @@
+"""The one attack loop: projected gradient ascent (L-inf or L2) with random start and restarts.
+
+FGSM and BIM are settings of this loop (1 step / no random start; n steps of eps/n), CW-L-inf
+is this loop with the margin loss, and every adaptive attack is this loop with more loss
+terms (see losses.py) or a wrapped objective (EOT) or pipeline (BPDA).
+
+Per-example bookkeeping follows AutoAttack: an example that succeeds (as decided by the
+:class:`~medsec.attacks.criteria.Criterion`) is frozen at that iterate and leaves the batch;
+later restarts only work on the failures. The gradient is taken with respect to the input
+only (``torch.autograd.grad``), never the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medsec.attacks.criteria import Criterion
+from medsec.attacks.losses import Objective, create_loss, logits_forward
+from medsec.attacks.transforms import EOT
+from medsec.errors import MedsecError
+
+NORMS = ("linf", "l2")
+ObjectiveFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """Settings of one attack run; eps and step size are in [0,1] pixel units.
+
+    ``step_size`` None means ``step_factor * eps / steps``.
+    """
+
+    name: str
+    eps: float
+    norm: str = "linf"
+    steps: int = 20
+    step_factor: float = 2.5
+    step_size: float | None = None
+    random_start: bool = True
+    restarts: int = 1
+    loss: str = "ce"
+    kappa: float = math.inf
+    targeted: bool = False
+    eot_samples: int = 1
+    early_stop: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise MedsecError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise MedsecError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.steps < 1 or self.restarts < 1 or self.eot_samples < 1:
+            raise MedsecError("steps, restarts and eot_samples must all be >= 1")
+
+    @property
+    def alpha(self) -> float:
+        return (
+            self.step_size
+            if self.step_size is not None
+            else (self.step_factor * self.eps / self.steps)
+        )
+
+    def record(self) -> dict[str, Any]:
+        """Everything needed to rerun it, for result files (inf written as a string)."""
+        rec = asdict(self)
+        rec["alpha"] = self.alpha
+        rec["kappa"] = None if math.isinf(self.kappa) else self.kappa
+        return rec
+
+
+# The named attacks of the study; eps is filled in per run.
+PRESETS: dict[str, AttackSpec] = {
+    "fgsm": AttackSpec("fgsm", 0.0, steps=1, step_factor=1.0, random_start=False),
+    "bim": AttackSpec("bim", 0.0, steps=20, step_factor=1.0, random_start=False),
+    "pgd-20": AttackSpec("pgd-20", 0.0, steps=20),
+    "pgd-100": AttackSpec("pgd-100", 0.0, steps=100),
+    "cw-linf": AttackSpec("cw-linf", 0.0, steps=30, loss="margin"),
+    "pgd-l2": AttackSpec("pgd-l2", 0.0, norm="l2", steps=50),
+}
+
+
+def preset(name: str, eps: float, **overrides: Any) -> AttackSpec:
+    """A named attack (``fgsm``, ``bim``, ``pgd-20``, ``pgd-100``, ``cw-linf``, ``pgd-l2``)."""
+    if name not in PRESETS:
+        raise MedsecError(f"unknown attack {name!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[name], eps=eps, **overrides)
+
+
+@dataclass
+class AttackResult:
+    """Adversarial images, per-example success (re-predicted), and loop diagnostics."""
+
+    x_adv: Tensor
+    success: Tensor
+    spec: AttackSpec
+    loss_curve: list[float] = field(default_factory=list)  # mean objective per step, restart 0
+    grad_norm_mean: float = 0.0
+    zero_grad_fraction: float = 0.0
+    nonfinite_grad_fraction: float = 0.0
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Attack the deployed (eval-mode) pipeline, then restore the caller's mode."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
+
+
+def _random_start(x: Tensor, spec: AttackSpec, gen: torch.Generator | None) -> Tensor:
+    if not spec.random_start or spec.eps == 0:
+        return torch.zeros_like(x)
+    if spec.norm == "linf":
+        u = torch.rand(x.shape, generator=gen, device="cpu").to(x.device)
+        return (2 * u - 1) * spec.eps
+    d = torch.randn(x.shape, generator=gen, device="cpu").to(x.device)
+    n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
+    r = torch.rand(len(x), generator=gen, device="cpu").to(x.device).view_as(n)
+    return d / n * r * spec.eps
+
+
+def _step(delta: Tensor, grad: Tensor, spec: AttackSpec) -> Tensor:
+    """One ascent step and projection onto the eps-ball (L-inf: sign step, L2: unit step)."""
+    shape = (-1, *[1] * (grad.ndim - 1))
+    if spec.norm == "linf":
+        return (delta + spec.alpha * grad.sign()).clamp_(-spec.eps, spec.eps)
+    gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+    delta = delta + spec.alpha * grad / gnorm
+    dnorm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
+    return delta * (spec.eps / dnorm).clamp(max=1.0)
+
+
+def pgd(
+    objective: ObjectiveFn,
+    x: Tensor,
+    criterion: Criterion,
+    spec: AttackSpec,
+    *,
+    generator: torch.Generator | None = None,
+) -> AttackResult:
+    """Run the loop on one batch; ``criterion`` decides success (and early stops)."""
+    start = time.perf_counter()
+    n = len(x)
+    all_idx = torch.arange(n, device=x.device)
+    best = x.clone()
+    done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    curve: list[float] = []
+    gstats = {"norm": 0.0, "zero": 0, "nonfinite": 0, "count": 0}
+    check_every = max(1, spec.steps // 5) if spec.early_stop else spec.steps
+    if spec.eps == 0:  # nothing to optimise: the clean image is the only candidate
+        done = criterion(x, all_idx)
+        return AttackResult(best, done, spec, seconds=time.perf_counter() - start)
+    for restart in range(spec.restarts):
+        idx = all_idx[~done]
+        if len(idx) == 0:
+            break
+        x0 = x[idx]
+        delta = _random_start(x0, spec, generator)
+        delta = (x0 + delta).clamp_(0, 1) - x0
+        for t in range(spec.steps):
+            xa = (x0 + delta).requires_grad_(True)
+            value = objective(xa, idx)
+            (grad,) = torch.autograd.grad(value.sum(), xa)
+            if t == 0 and restart == 0:
+                flat = grad.flatten(1)
+                finite = torch.isfinite(flat).all(1)
+                gstats["nonfinite"] += int((~finite).sum())
+                gstats["zero"] += int((flat.abs().amax(1) == 0).sum())
+                gstats["norm"] += float(flat[finite].norm(dim=1).sum())
+                gstats["count"] += len(flat)
+            if restart == 0:
+                curve.append(float(value.detach().mean()))
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            with torch.no_grad():
+                delta = _step(delta, grad, spec)
+                delta = (x0 + delta).clamp_(0, 1) - x0
+                last = t == spec.steps - 1
+                if last or (t + 1) % check_every == 0:
+                    xa = x0 + delta
+                    ok = criterion(xa, idx)
+                    best[idx[ok]] = xa[ok]
+                    done[idx[ok]] = True
+                    if last:  # failures keep their final iterate of the latest restart
+                        best[idx[~ok]] = xa[~ok]
+                    keep = ~ok
+                    idx, x0, delta = idx[keep], x0[keep], delta[keep]
+                    if len(idx) == 0:
+                        break
+    count = max(1, gstats["count"])
+    return AttackResult(
+        best,
+        done,
+        spec,
+        curve,
+        grad_norm_mean=gstats["norm"] / max(1, gstats["count"] - gstats["nonfinite"]),
+        zero_grad_fraction=gstats["zero"] / count,
+        nonfinite_grad_fraction=gstats["nonfinite"] / count,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def default_objective(pipeline: nn.Module, spec: AttackSpec, labels: Tensor) -> ObjectiveFn:
+    """The spec's loss on the pipeline's logits, with EOT when ``spec.eot_samples`` > 1."""
+    kwargs = {"kappa": spec.kappa} if spec.loss == "margin" else {}
+    obj: ObjectiveFn = Objective(
+        logits_forward(pipeline), [(1.0, create_loss(spec.loss, **kwargs))], labels, spec.targeted
+    )
+    return EOT(obj, spec.eot_samples) if spec.eot_samples > 1 else obj
+
+
+def run_attack(
+    pipeline: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    spec: AttackSpec,
+    *,
+    targets: Tensor | None = None,
+    detector: Any = None,
+    objective_factory: Callable[[Tensor, Tensor], ObjectiveFn] | None = None,
+    batch_size: int = 250,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> AttackResult:
+    """Attack ``x`` (true labels ``y``) in batches; success re-predicted by one Criterion.
+
+    ``objective_factory(labels_or_targets, batch_indices)`` builds a custom (adaptive)
+    objective per batch; by default the spec's loss on the pipeline's logits.
+    """
+    if spec.targeted and targets is None:
+        raise MedsecError("a targeted attack needs target labels")
+    device = next(iter(pipeline.parameters()), torch.empty(0)).device
+    gen = torch.Generator().manual_seed(seed)
+    outs: list[AttackResult] = []
+    with eval_mode(pipeline):
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(device)
+            yb = y[s : s + batch_size].to(device)
+            tb = targets[s : s + batch_size].to(device) if targets is not None else None
+            crit = Criterion(pipeline, yb, tb, detector)
+            aim = tb if spec.targeted else yb
+            obj = (
+                objective_factory(aim, torch.arange(s, s + len(xb)))
+                if objective_factory
+                else default_objective(pipeline, spec, aim)
+            )
+            outs.append(pgd(obj, xb, crit, spec, generator=gen))
+            if progress is not None:
+                progress(len(xb))
+    if not outs:
+        raise MedsecError("nothing to attack: empty input")
+    weights = [len(o.x_adv) for o in outs]
+    total = sum(weights)
+
+    def wmean(attr: str) -> float:
+        return sum(getattr(o, attr) * w for o, w in zip(outs, weights, strict=True)) / total
+
+    curves = [o.loss_curve for o in outs if o.loss_curve]
+    curve = (
+        [sum(c[i] for c in curves) / len(curves) for i in range(min(map(len, curves)))]
+        if curves
+        else []
+    )
+    return AttackResult(
+        torch.cat([o.x_adv.cpu() for o in outs]),
+        torch.cat([o.success.cpu() for o in outs]),
+        spec,
+        curve,
+        wmean("grad_norm_mean"),
+        wmean("zero_grad_fraction"),
+        wmean("nonfinite_grad_fraction"),
+        sum(o.seconds for o in outs),
+    )
