@@ -1,0 +1,256 @@
+"""What every part of the study shares: the profile, data, victim, resumable cells, figures,
+sanity checks, and the row format of metrics.json.
+
+A *cell* is one unit of work (e.g. one defence x attack x eps). Its result is a JSON file in
+``OUT/cells/``, written atomically; a rerun of a killed study finds it and skips the work.
+Cell keys include every setting that changes the result, so a changed setting recomputes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medsec.attacks.criteria import Criterion
+from medsec.attacks.pgd import AttackSpec
+from medsec.data.base import Dataset
+from medsec.errors import MedsecError
+from medsec.utils import atomic_write_bytes, atomic_write_json
+
+FAMILIES = ("none", "detection", "robustification", "integrity")
+EPS_UNIT = "[0,1] pixel units"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one study run. eps values are in [0,1] pixel units."""
+
+    name: str
+    size: int
+    n_train: int
+    n_val: int
+    n_test: int
+    epochs: int
+    patience: int
+    n_attack: int
+    eps: tuple[float, ...]
+    batch_size: int = 250
+
+    def record(self) -> dict[str, Any]:
+        rec = asdict(self)
+        rec["eps_255"] = [round(e * 255, 3) for e in self.eps]
+        return rec
+
+
+STUDY_EPS = tuple(e / 255 for e in (0.5, 1, 2, 4, 8))
+PROFILES: dict[str, Profile] = {
+    "quick": Profile("quick", 64, 2000, 300, 400, 20, 6, 200, STUDY_EPS),
+    "full": Profile("full", 64, 4000, 500, 1000, 40, 8, 500, STUDY_EPS),
+}
+
+
+@dataclass
+class Check:
+    """One sanity check of ../reference/evaluation.md, pass or fail, with what was measured."""
+
+    check: str
+    passed: bool
+    detail: str
+    defence: str = "none"
+
+
+@dataclass
+class Figure:
+    path: str  # relative to the output directory
+    caption: str
+    section: str
+
+
+def make_row(
+    *,
+    defence: str,
+    family: str,
+    attack: str,
+    adaptive: bool,
+    eps: float,
+    n: int,
+    clean_accuracy: float,
+    attack_success_rate: float,
+    detection_auc: float | None = None,
+    tpr_at_5fpr: float | None = None,
+    spec: AttackSpec | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A metrics.json row; ``attack_success_rate`` is over the ``n`` attacked images."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}")
+    row: dict[str, Any] = {
+        "defence": defence,
+        "family": family,
+        "attack": attack,
+        "adaptive": bool(adaptive),
+        "eps": float(eps),
+        "eps_255": round(float(eps) * 255, 4),
+        "n": int(n),
+        "clean_accuracy": float(clean_accuracy),
+        "attack_success_rate": float(attack_success_rate),
+        "detection_auc": None if detection_auc is None else float(detection_auc),
+        "tpr_at_5fpr": None if tpr_at_5fpr is None else float(tpr_at_5fpr),
+    }
+    if spec is not None:
+        row["settings"] = spec.record()
+    row.update(extra)
+    return _jsonable(row)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Replace NaN/inf by None and numpy scalars by Python ones so JSON stays standard."""
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
+
+
+@dataclass
+class StudyContext:
+    """Shared state of one ``medsec reproduce`` run (see module docstring)."""
+
+    out: Path
+    profile: Profile
+    data: Dataset
+    victim: nn.Module
+    victim_meta: dict[str, Any]
+    device: torch.device
+    seed: int = 0
+    progress: bool = True
+    checks: list[Check] = field(default_factory=list)
+    figures: list[Figure] = field(default_factory=list)
+    notes: dict[str, list[str]] = field(default_factory=dict)
+
+    # ---- resumable cells -------------------------------------------------------------
+    def cell(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Return the cached result for ``key`` or compute, store atomically and return it."""
+        key = {
+            **key,
+            "data": self.data.content_hash[:16],
+            "victim": self.victim_meta.get("sha256", "")[:16],
+            "seed": self.seed,
+        }
+        blob = json.dumps(key, sort_keys=True, default=str)
+        name = _slug(
+            "-".join(
+                str(v) for k, v in key.items() if k in ("defence", "attack", "eps_255", "what")
+            )
+        )
+        path = self.out / "cells" / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+                if stored.get("key") == json.loads(blob):
+                    return stored["result"]
+            except (json.JSONDecodeError, KeyError):
+                pass  # a damaged cell is recomputed
+        result = _jsonable(compute())
+        atomic_write_json(path, {"key": json.loads(blob), "result": result})
+        return result
+
+    def artifact(self, name: str) -> Path:
+        """Path for a cached artefact (a trained defence, adversarial images) in OUT/artifacts."""
+        path = self.out / "artifacts" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    # ---- data for attacks ------------------------------------------------------------
+    def attack_set(
+        self, pipeline: nn.Module | None = None, n: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The first ``n`` test images the pipeline classifies correctly when clean.
+
+        Returns (x, y, test_indices). Attack success rates are measured on these, so a
+        misclassified clean image never counts as an attack success.
+        """
+        pipeline = pipeline if pipeline is not None else self.victim
+        n = n if n is not None else self.profile.n_attack
+        x = torch.from_numpy(self.data.test.images)
+        y = torch.from_numpy(self.data.test.labels)
+        keep: list[Tensor] = []
+        found = 0
+        for s in range(0, len(x), self.profile.batch_size):
+            xb = x[s : s + self.profile.batch_size].to(self.device)
+            ok = (
+                Criterion(pipeline, y[s : s + len(xb)].to(self.device)).predict(xb).cpu()
+                == y[s : s + len(xb)]
+            )
+            idx = torch.nonzero(ok)[:, 0] + s
+            keep.append(idx)
+            found += len(idx)
+            if found >= n:
+                break
+        idx = torch.cat(keep)[:n] if keep else torch.zeros(0, dtype=torch.long)
+        if len(idx) == 0:
+            raise MedsecError("the pipeline classifies no test image correctly; nothing to attack")
+        return x[idx], y[idx], idx
+
+    def clean_accuracy(self, pipeline: nn.Module) -> float:
+        """Accuracy of a pipeline on the whole test split."""
+        x = torch.from_numpy(self.data.test.images)
+        y = torch.from_numpy(self.data.test.labels)
+        correct = 0
+        for s in range(0, len(x), self.profile.batch_size):
+            xb = x[s : s + self.profile.batch_size].to(self.device)
+            pred = Criterion(pipeline, y[s : s + len(xb)]).predict(xb).cpu()
+            correct += int((pred == y[s : s + len(xb)]).sum())
+        return correct / len(x)
+
+    def save_adversarial(
+        self, name: str, x_adv: Tensor, test_indices: Tensor, success: Tensor
+    ) -> Path:
+        """Keep adversarial images (and which test images they came from) for the
+        signature gate. Stored as float32 .npz in OUT/artifacts/adversarial/."""
+        import io
+
+        path = self.artifact(f"adversarial/{_slug(name)}.npz")
+        buf = io.BytesIO()
+        np.savez_compressed(
+            buf,
+            x_adv=x_adv.cpu().numpy().astype(np.float32),
+            test_indices=test_indices.cpu().numpy(),
+            success=success.cpu().numpy(),
+        )
+        atomic_write_bytes(path, buf.getvalue())
+        return path
+
+    # ---- report material -------------------------------------------------------------
+    def add_check(self, check: str, passed: bool, detail: str, defence: str = "none") -> None:
+        self.checks.append(Check(check, bool(passed), detail, defence))
+
+    def figure_path(self, name: str) -> Path:
+        path = self.out / "figures" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def add_figure(self, path: Path, caption: str, section: str) -> None:
+        self.figures.append(Figure(str(path.relative_to(self.out)), caption, section))
+
+    def add_note(self, section: str, text: str) -> None:
+        """A paragraph for the report (threat model, assumptions, what did not work)."""
+        self.notes.setdefault(section, []).append(text)
