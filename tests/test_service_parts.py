@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -166,3 +167,18 @@ def test_audit_verify_flags_an_incomplete_last_line(tmp_path: Path):
         fh.write(b'{"seq": 2')
     check = verify_log(tmp_path / "audit.jsonl")
     assert check.bad_line == 2 and "incomplete" in check.reason
+
+
+def test_head_may_lag_the_log_but_must_match_it(tmp_path: Path):
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for i in range(3):
+        log.append({"n": i})
+    log.close()
+    head = tmp_path / "audit.jsonl.head"
+    lines = (tmp_path / "audit.jsonl").read_text().splitlines()
+    second = json.loads(lines[1])["hash"]
+    head.write_text(json.dumps({"lines": 2, "hash": second}))  # as if the crash hit before
+    assert verify_log(tmp_path / "audit.jsonl").ok
+    head.write_text(json.dumps({"lines": 2, "hash": "f" * 64}))
+    check = verify_log(tmp_path / "audit.jsonl")
+    assert check.bad_line == 2 and "head file" in check.reason

@@ -3,10 +3,11 @@
 Each line is a JSON object with ``seq`` (1, 2, ...), ``prev`` (the previous line's ``hash``,
 64 zeros for the first) and ``hash`` = SHA-256 of ``prev`` + the canonical JSON of the line
 without ``hash``. Editing a line breaks its hash; deleting or reordering lines breaks ``seq`` and
-``prev``. A sidecar ``LOG.head`` (line count and last hash, rewritten atomically after each
-append) also exposes a cut-off tail. Like any hash chain this is tamper-evident, not tamper-proof:
-someone who can rewrite the whole file and its head can forge a consistent log, so ship the head
-hash elsewhere (syslog, a ticket) when that matters.
+``prev``. A sidecar ``LOG.head`` (line count and last hash, overwritten in place after each
+append; after a crash it may lag the log, never lead it) also exposes a cut-off tail. Like any
+hash chain this is tamper-evident, not tamper-proof: someone who can rewrite the whole file and
+its head can forge a consistent log, so ship the head hash elsewhere (syslog, a ticket) when
+that matters.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from medsec.errors import MedsecError
 
 GENESIS = "0" * 64
 HEAD_SUFFIX = ".head"
+_HEAD_BYTES = 128  # fixed-size head record, overwritten in place (one sector: no torn writes)
 
 
 def _canonical(obj: Mapping[str, Any]) -> bytes:
@@ -63,7 +65,7 @@ def verify_log(path: Path) -> AuditCheck:
         raw = path.read_bytes()
     except OSError as exc:
         raise MedsecError(f"cannot read audit log {path}: {exc.strerror}") from exc
-    prev, n = GENESIS, 0
+    prev, hashes = GENESIS, list[str]()
     lines = raw.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
@@ -86,16 +88,21 @@ def verify_log(path: Path) -> AuditCheck:
         if entry.get("hash") != entry_hash(entry):
             return AuditCheck(len(lines), n, "hash does not match the content (edited)", prev)
         prev = entry["hash"]
+        hashes.append(prev)
     head = _head_path(path)
     if head.exists():
         try:
-            recorded = json.loads(head.read_text())
+            text = head.read_text()
+            recorded = json.loads(text) if text.strip() else {"lines": 0, "hash": GENESIS}
             want_lines, want_hash = int(recorded["lines"]), str(recorded["hash"])
         except (OSError, ValueError, KeyError, TypeError):
             return AuditCheck(len(lines), len(lines) + 1, f"unreadable head file {head}", prev)
-        if (want_lines, want_hash) != (len(lines), prev):
-            reason = f"head file records {want_lines} line(s), log has {len(lines)} (tail cut?)"
-            return AuditCheck(len(lines), min(want_lines, len(lines)) + 1, reason, prev)
+        if want_lines > len(lines):
+            reason = f"head file records {want_lines} line(s), log has {len(lines)} (tail cut)"
+            return AuditCheck(len(lines), len(lines) + 1, reason, prev)
+        if want_lines and hashes[want_lines - 1] != want_hash:
+            reason = f"line {want_lines} differs from the hash the head file recorded"
+            return AuditCheck(len(lines), want_lines, reason, prev)
     return AuditCheck(len(lines), None, f"{len(lines)} line(s), chain intact", prev)
 
 
@@ -127,6 +134,9 @@ class AuditLog:
                 "keep it as evidence and configure a new log path"
             )
         self._seq, self._prev = check.lines, check.last_hash
+        self._synced = self._seq
+        self._sync_lock = threading.Lock()
+        self._head = os.open(_head_path(self.path), os.O_RDWR | os.O_CREAT, 0o644)
 
     @property
     def lines(self) -> int:
@@ -134,7 +144,7 @@ class AuditLog:
         return self._seq
 
     def append(self, record: Mapping[str, Any]) -> str:
-        """Chain and write one record; returns its hash."""
+        """Chain and write one record; returns its hash once the line is durable per policy."""
         with self._lock:
             entry = {
                 **record,
@@ -145,22 +155,28 @@ class AuditLog:
             entry["hash"] = entry_hash(entry)
             self._fh.write(_canonical(entry) + b"\n")
             self._fh.flush()
-            if self._fsync:
-                os.fsync(self._fh.fileno())
             self._seq, self._prev = entry["seq"], entry["hash"]
-            self._write_head()
-            return entry["hash"]
+            head = _canonical({"lines": self._seq, "hash": self._prev})
+            os.pwrite(self._head, head.ljust(_HEAD_BYTES - 1) + b"\n", 0)
+        if self._fsync:
+            self._sync(entry["seq"])
+        return entry["hash"]
 
-    def _write_head(self) -> None:
-        head = _head_path(self.path)
-        tmp = head.with_name(head.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            fh.write(_canonical({"lines": self._seq, "hash": self._prev}) + b"\n")
-            if self._fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, head)
+    def _sync(self, seq: int) -> None:
+        """Group commit: one fsync makes every line written so far durable, so concurrent
+        requests waiting here share it instead of queueing one fsync each."""
+        with self._sync_lock:
+            if self._synced >= seq:
+                return
+            with self._lock:
+                target = self._seq
+            os.fsync(self._fh.fileno())
+            self._synced = target
 
     def close(self) -> None:
-        with self._lock:
+        with self._sync_lock, self._lock:
+            if self._fsync:
+                os.fsync(self._fh.fileno())
+                os.fsync(self._head)
             self._fh.close()
+            os.close(self._head)
