@@ -534,3 +534,23 @@ def test_cli_serve_runs_the_real_service(env: Env, tmp_path: Path):
         proc.terminate()
         proc.wait(timeout=20)
     assert verify_log(tmp_path / "svc" / "audit" / "audit.jsonl").lines == 1
+
+
+def test_cli_init_prints_the_token_once_and_stores_only_its_hash(env: Env, tmp_path: Path, capsys):
+    out = tmp_path / "svc"
+    assert (
+        main(["serve", "init", "--out", str(out), "--checkpoint", str(env.root / "victim.pt")]) == 0
+    )
+    printed = capsys.readouterr().out
+    token = next(line for line in printed.splitlines() if line.startswith("msk_"))
+    config_text = (out / "config.toml").read_text()
+    assert token not in config_text and hash_token(token) in config_text
+    assert f"medsec serve --config {out / 'config.toml'}" in printed
+    assert load_config(out / "config.toml").model_sha256 == env.config.model_sha256
+    assert main(["serve", "init", "--out", str(out), "--checkpoint", "x.pt"]) == 2  # not empty
+    assert "not empty" in capsys.readouterr().err
+    assert main(["serve", "token", "--name", "ward-7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    new = lines[0].rsplit(" ", 1)[1]
+    assert f'token_sha256 = "{hash_token(new)}"' in lines and 'name = "ward-7"' in lines
+    assert main(["serve"]) == 2 and "--config" in capsys.readouterr().err
