@@ -554,3 +554,14 @@ def test_cli_init_prints_the_token_once_and_stores_only_its_hash(env: Env, tmp_p
     new = lines[0].rsplit(" ", 1)[1]
     assert f'token_sha256 = "{hash_token(new)}"' in lines and 'name = "ward-7"' in lines
     assert main(["serve"]) == 2 and "--config" in capsys.readouterr().err
+
+
+def test_unauthenticated_floods_are_throttled_per_address(env: Env, tmp_path: Path):
+    config = dataclasses.replace(env.config, burst=3, audit_path=tmp_path / "audit.jsonl")
+    state = build_state(config)
+    with running(state) as url, httpx.Client(base_url=url, verify=env.ca, timeout=30) as c:
+        codes = [_post(c, b"x", "msk_guess").status_code for _ in range(5)]
+        assert codes == [401, 401, 401, 429, 429]
+        assert _post(c, dataset_bytes(_signed(env, seed=60)), env.token).status_code == 200
+    state.audit.close()
+    assert verify_log(tmp_path / "audit.jsonl").lines == 6

@@ -155,9 +155,11 @@ def create_app(state: ServiceState) -> FastAPI:
         }
         headers: dict[str, str] = {}
         try:
-            if client is None:
+            # unauthenticated callers share a bucket per address, so guessing tokens or
+            # flooding the audit log is throttled too
+            wait = state.limiter.acquire(client or f"anonymous@{record['remote']}")
+            if client is None and wait is None:
                 raise Refusal(401, "unauthorized", "missing or invalid bearer token")
-            wait = state.limiter.acquire(client)
             if wait is not None:
                 headers["Retry-After"] = str(max(1, round(wait + 0.5)))
                 raise Refusal(429, "rate_limited", f"rate limit exceeded; retry in {wait:.2f} s")
