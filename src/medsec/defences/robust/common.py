@@ -1,0 +1,117 @@
+"""Shared training plumbing of the robustification defences: config, minibatches, caching."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medsec.data.base import Dataset
+from medsec.models.training import evaluate
+from medsec.utils import atomic_write_bytes, atomic_write_json, seed_everything
+
+
+@dataclass(frozen=True)
+class RobustTrainConfig:
+    """Training budget of one defence (small on purpose: the study must fit 2 CPU cores).
+
+    ``max_steps`` caps optimiser steps (0 = no cap); tests use it to train a few steps.
+    """
+
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    max_steps: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def minibatches(
+    x: Tensor, y: Tensor, cfg: RobustTrainConfig
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """(step, images, labels) over ``cfg.epochs`` shuffled epochs, stopping at ``max_steps``."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(len(x), generator=gen)
+        for i in range(0, len(x) - 1, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            if len(idx) < 2:  # BatchNorm needs two samples
+                continue
+            if cfg.max_steps and step >= cfg.max_steps:
+                return
+            yield step, x[idx], y[idx]
+            step += 1
+
+
+def fit(
+    model: nn.Module,
+    data: Dataset,
+    cfg: RobustTrainConfig,
+    loss_fn: Callable[[int, Tensor, Tensor], Tensor],
+    *,
+    device: torch.device | str = "cpu",
+    params: list[nn.Parameter] | None = None,
+    x: Tensor | None = None,
+    y: Tensor | None = None,
+) -> dict[str, Any]:
+    """Adam on ``loss_fn(step, xb, yb)`` over the training split (or the given ``x, y``).
+
+    Returns the training record: losses, steps, seconds, validation accuracy at the end.
+    """
+    seed_everything(cfg.seed)
+    x = torch.from_numpy(data.train.images) if x is None else x
+    y = torch.from_numpy(data.train.labels) if y is None else y
+    opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=cfg.lr)
+    start = time.perf_counter()
+    losses: list[float] = []
+    model.train()
+    for step, xb, yb in minibatches(x, y, cfg):
+        loss = loss_fn(step, xb.to(device), yb.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        model.train()  # an attack inside loss_fn may have switched to eval mode
+        losses.append(float(loss.detach()))
+    model.eval()
+    val = evaluate(model, data.val, device)
+    return {
+        "config": cfg.record(),
+        "steps": len(losses),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "val_accuracy": val["accuracy"],
+        "train_seconds": time.perf_counter() - start,
+    }
+
+
+def load_or_train(
+    path_pt: Path, model: nn.Module, train: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Load ``model``'s weights from ``path_pt`` (+ ``.json`` record) or train and store both.
+
+    Callers put every setting that changes the weights into the file name.
+    """
+    meta_path = path_pt.with_suffix(".json")
+    if path_pt.exists() and meta_path.exists():
+        model.load_state_dict(torch.load(path_pt, map_location="cpu", weights_only=True))
+        model.eval()
+        meta = json.loads(meta_path.read_text())
+        meta["cached"] = True
+        return meta
+    meta = train()
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    atomic_write_bytes(path_pt, buf.getvalue())
+    atomic_write_json(meta_path, meta)
+    meta["cached"] = False
+    return meta

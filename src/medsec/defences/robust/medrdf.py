@@ -1,0 +1,102 @@
+"""MedRDF (Xu, Zhang & Zhang 2021): a retrain-free inference defence.
+
+For each image, ``votes`` noisy copies (Gaussian noise, clamped to [0, 1]) go through the
+pretrained classifier; the majority vote is the diagnosis and the Robust Metric (RM) is the
+vote share of the winning class (its confidence). Noise and vote live inside the module.
+
+The module returns log vote shares (floored at 1e-4) as logits, so argmax = majority vote.
+The noise comes from the module's own generator: ``reseed(seed)`` makes every following
+forward pass (and so the vote) reproducible; without reseeding each call draws fresh noise,
+as deployed.
+
+Assumed: sigma = 0.05 and 25 votes (the paper's exact values were not available; these keep
+the victim's clean accuracy, measured and reported); ties go to the lower class index.
+
+The vote (argmax + counting) has no gradient: the adaptive attacker differentiates
+:class:`MedRDFAttackView`, which replaces it by BPDA with the soft vote (log mean softmax
+over the noisy copies) on the backward pass, and averages over the noise with EOT.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from medsec.attacks import BPDA
+
+SIGMA = 0.05
+VOTES = 25
+FLOOR = 1e-4
+
+
+class MajorityVote(nn.Module):
+    """(V, B, K) logits of V noisy copies -> (B, K) log vote shares (argmax = majority)."""
+
+    def forward(self, logits: Tensor) -> Tensor:
+        k = logits.shape[-1]
+        counts = nn.functional.one_hot(logits.argmax(-1), k).float().mean(0)
+        return counts.clamp_min(FLOOR).log()
+
+
+class SoftVote(nn.Module):
+    """Differentiable stand-in for the vote: log of the mean softmax over the copies."""
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return torch.softmax(logits, -1).mean(0).clamp_min(FLOOR).log()
+
+
+class MedRDF(nn.Module):
+    """Noisy copies -> pretrained classifier -> majority vote (see module docstring)."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        sigma: float = SIGMA,
+        votes: int = VOTES,
+        seed: int = 0,
+        chunk: int = 8,
+    ) -> None:
+        super().__init__()
+        self.base = base
+        self.sigma = sigma
+        self.votes = votes
+        self.chunk = chunk
+        self.vote = MajorityVote()
+        self.generator = torch.Generator()
+        self.reseed(seed)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the noise stream: the same seed gives the same copies and votes."""
+        self.generator.manual_seed(seed)
+
+    def noisy_logits(self, x: Tensor, copies: int) -> Tensor:
+        """(copies, B, K) logits of ``copies`` noisy versions of each image."""
+        outs = []
+        for s in range(0, copies, self.chunk):
+            n = min(self.chunk, copies - s)
+            noise = torch.randn((n, *x.shape), generator=self.generator).to(x) * self.sigma
+            xs = (x.unsqueeze(0) + noise).clamp(0, 1).flatten(0, 1)
+            outs.append(self.base(xs).view(n, len(x), -1))
+        return torch.cat(outs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vote(self.noisy_logits(x, self.votes))
+
+    @torch.no_grad()
+    def robust_metric(self, x: Tensor) -> Tensor:
+        """RM: the winning class's vote share per image, in [1/K, 1]."""
+        return self.forward(x).exp().amax(1)
+
+
+class MedRDFAttackView(nn.Module):
+    """What the adaptive attacker differentiates: ``copies`` noisy copies per forward, and
+    the vote under BPDA (exact vote forward, soft-vote gradient backward)."""
+
+    def __init__(self, medrdf: MedRDF, copies: int = 1) -> None:
+        super().__init__()
+        self.medrdf = medrdf
+        self.copies = copies
+        self.vote = BPDA(MajorityVote(), approx=SoftVote())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.vote(self.medrdf.noisy_logits(x, self.copies))
