@@ -222,22 +222,45 @@ class StudyContext:
         return correct / len(x)
 
     def save_adversarial(
-        self, name: str, x_adv: Tensor, test_indices: Tensor, success: Tensor
+        self,
+        name: str,
+        x_adv: Tensor,
+        test_indices: Tensor,
+        success: Tensor,
+        *,
+        defence: str | None = None,
+        attack: str | None = None,
+        eps: float | None = None,
+        adaptive: bool = False,
     ) -> Path:
-        """Keep adversarial images (and which test images they came from) for the
-        signature gate. Stored as float32 .npz in OUT/artifacts/adversarial/."""
+        """Keep adversarial images (and which test images they came from) for the signature
+        gate, which checks every one. Stored as float32 .npz in OUT/artifacts/adversarial/."""
         import io
 
         path = self.artifact(f"adversarial/{_slug(name)}.npz")
+        meta = {
+            "name": name,
+            "defence": defence,
+            "attack": attack,
+            "eps": eps,
+            "adaptive": adaptive,
+        }
         buf = io.BytesIO()
         np.savez_compressed(
             buf,
-            x_adv=x_adv.cpu().numpy().astype(np.float32),
+            x_adv=x_adv.detach().cpu().numpy().astype(np.float32),
             test_indices=test_indices.cpu().numpy(),
             success=success.cpu().numpy(),
+            meta=json.dumps(meta),
         )
         atomic_write_bytes(path, buf.getvalue())
         return path
+
+    def progress_iter(self, items: list[Any], desc: str) -> Any:
+        """A progress bar over ``items`` (silent when progress is off)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
     # ---- report material -------------------------------------------------------------
     def add_check(self, check: str, passed: bool, detail: str, defence: str = "none") -> None:

@@ -83,7 +83,7 @@ def train_victim(
     x = torch.from_numpy(data.train.images)
     y = torch.from_numpy(data.train.labels)
     gen = torch.Generator().manual_seed(cfg.seed)
-    best_auc, best_state, best_epoch, since = -1.0, None, 0, 0
+    best_key, best_state, best_epoch, since = (-1.0, -1.0), None, 0, 0
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     bar = tqdm(range(cfg.epochs), desc=f"train {cfg.arch}", disable=not progress, leave=False)
@@ -111,8 +111,9 @@ def train_victim(
             }
         )
         bar.set_postfix(loss=f"{total / len(x):.3f}", val_auc=f"{val['auc']:.3f}")
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, since = val["auc"], epoch + 1, 0
+        key = (val["auc"], val["accuracy"])  # ties in AUC (e.g. 1.0) go to the better-calibrated
+        if key > best_key:
+            best_key, best_epoch, since = key, epoch + 1, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             since += 1
@@ -125,7 +126,7 @@ def train_victim(
     metrics = {
         "clean_accuracy": test["accuracy"],
         "clean_auc": test["auc"],
-        "val_auc": best_auc,
+        "val_auc": best_key[0],
         "best_epoch": best_epoch,
         "epochs_run": len(history),
         "train_time_s": time.perf_counter() - start,

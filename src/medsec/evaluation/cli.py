@@ -1,0 +1,219 @@
+"""Verbs `data`, `train`, `attack`, `reproduce`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from medsec.errors import MedsecError
+
+DATA_HELP = (
+    "data set: cxr-nodule | fundus-lesion (embedded: real anatomy, synthetic "
+    "findings) | medmnist:FILE.npz | folder:DIR | dicom:LABELS.csv"
+)
+
+
+def parse_eps(text: str) -> float:
+    """'4/255' or '0.0157' -> float in [0,1] pixel units."""
+    try:
+        value = float(Fraction(text)) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from exc
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"eps must lie in [0, 1] pixel units, got {value}")
+    return value
+
+
+def _device(args: argparse.Namespace):
+    from medsec.utils import resolve_device
+
+    return resolve_device(args.device)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from medsec.data import load_dataset
+
+    data = load_dataset(args.data, size=args.size, progress=not args.no_progress)
+    print(json.dumps(data.summary(), indent=2))
+    if args.preview:
+        from medsec.evaluation.figures import plot_grid
+
+        out = Path(args.preview)
+        if out.exists():
+            raise MedsecError(f"{out} exists; refusing to overwrite it")
+        plot_grid(out, data.test.images[:16], data.test.labels[:16], data.class_names)
+        print(f"preview written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from medsec.data import load_dataset
+    from medsec.models import TrainConfig, save_checkpoint, train_victim
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise MedsecError(f"{out} exists; pass --force to replace it")
+    data = load_dataset(args.data, size=args.size, seed=args.seed, progress=not args.no_progress)
+    cfg = TrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed)
+    model, metrics = train_victim(data, cfg, device=_device(args), progress=not args.no_progress)
+    digest = save_checkpoint(
+        out,
+        model,
+        arch=args.arch,
+        data_hash=data.content_hash,
+        image_size=data.size,
+        metrics=metrics,
+        settings=vars(cfg),
+    )
+    print(
+        json.dumps(
+            {
+                "checkpoint": str(out),
+                "sha256": digest,
+                "clean_accuracy": metrics["clean_accuracy"],
+                "clean_auc": metrics["clean_auc"],
+                "best_epoch": metrics["best_epoch"],
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from medsec.attacks import preset, run_attack
+    from medsec.data import load_dataset
+    from medsec.models import load_checkpoint
+
+    device = _device(args)
+    model, meta = load_checkpoint(args.checkpoint, device=device)
+    data = load_dataset(
+        args.data, size=meta["image_size"], seed=args.seed, progress=not args.no_progress
+    )
+    if data.content_hash != meta["data_hash"]:
+        print("medsec attack: warning: checkpoint was trained on other data", file=sys.stderr)
+    split = data.split(args.split)
+    x = torch.from_numpy(split.images[: args.n])
+    y = torch.from_numpy(split.labels[: args.n])
+    spec = preset(
+        args.attack,
+        args.eps,
+        restarts=args.restarts,
+        **({"steps": args.steps} if args.steps else {}),
+    )
+    res = run_attack(model, x, y, spec, seed=args.seed)
+    clean = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
+    if args.out:
+        out = Path(args.out)
+        if out.exists():
+            raise MedsecError(f"{out} exists; refusing to overwrite it")
+        np.savez_compressed(
+            out, x_adv=res.x_adv.numpy(), labels=y.numpy(), success=res.success.numpy()
+        )
+    print(
+        json.dumps(
+            {
+                "attack": spec.record(),
+                "n": len(x),
+                "clean_accuracy": clean,
+                "attack_success_rate": float(res.success.float().mean()),
+                "robust_accuracy": float(
+                    ((~res.success) & (model(res.x_adv.to(device)).argmax(1).cpu() == y))
+                    .float()
+                    .mean()
+                ),
+                "seconds": res.seconds,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from medsec.evaluation.study import reproduce
+
+    report = reproduce(
+        Path(args.out),
+        profile_name=args.profile,
+        dataset=args.dataset,
+        defences=args.defences,
+        arch=args.arch,
+        device=_device(args),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"report: {report} (also report.html, metrics.json, metrics.csv, figures/)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from medsec.attacks import PRESETS
+    from medsec.models import list_models
+
+    p = sub.add_parser("data", help="describe (and preview) a data set")
+    p.add_argument("data", help=DATA_HELP)
+    p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224))
+    p.add_argument("--preview", metavar="PNG", help="write a grid of test images to PNG")
+    _common(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("train", help="train a victim model and write a verified checkpoint")
+    p.add_argument("--data", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument("--arch", default="small-cnn", choices=list_models())
+    p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224))
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--out", required=True, help="checkpoint path (.pt)")
+    p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
+    _common(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("attack", help="attack a checkpoint on a data split, print the ASR")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--attack", default="pgd-20", choices=list(PRESETS))
+    p.add_argument(
+        "--eps",
+        type=parse_eps,
+        default=4 / 255,
+        help="L-inf/L2 budget in [0,1] pixel units; '4/255' accepted",
+    )
+    p.add_argument("--steps", type=int, help="override the preset's steps")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--n", type=int, default=500, help="number of images to attack")
+    p.add_argument("--out", help="write adversarial images to this .npz")
+    _common(p)
+    p.set_defaults(func=cmd_attack)
+
+    p = sub.add_parser(
+        "reproduce",
+        help="run the whole study and write the report",
+        description="Train the victim, evaluate each defence non-adaptively "
+        "and adaptively, pass every adversarial image through the signature "
+        "gate, and write report.md/.html, metrics.json/.csv and figures. "
+        "Rerunning continues where a killed run stopped.",
+    )
+    p.add_argument("--profile", default="full", choices=("quick", "full"))
+    p.add_argument("--dataset", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument(
+        "--defences",
+        default="all",
+        help="comma list of defences (none, signature-gate, ...) or 'all'",
+    )
+    p.add_argument("--arch", default="small-cnn", choices=list_models())
+    p.add_argument("--out", default="results", help="output directory (default: results)")
+    _common(p)
+    p.set_defaults(func=cmd_reproduce)

@@ -1,0 +1,97 @@
+"""Figures of the report (matplotlib, Agg backend, PNG written atomically)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from torch import Tensor
+
+from medsec.utils import atomic_write_bytes
+
+
+def save(fig: plt.Figure, path: Path) -> None:
+    """Write a figure as PNG atomically and close it."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_asr_vs_eps(
+    path: Path,
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    ylabel: str = "attack success rate",
+) -> None:
+    """One line per attack (or defence): y vs eps in /255 units, log-2 x axis."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in series.items():
+        eps = [e * 255 for e, _ in pts]
+        ax.plot(eps, [v for _, v in pts], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("eps (L-inf, x/255 of the [0,1] pixel range)")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    save(fig, path)
+
+
+def _show(ax: plt.Axes, img: np.ndarray) -> None:
+    if img.shape[0] == 1:
+        ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
+    else:
+        ax.imshow(np.clip(img.transpose(1, 2, 0), 0, 1))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def plot_examples(
+    path: Path,
+    x: Tensor,
+    y: Tensor,
+    panels: Sequence[tuple[float, Tensor, Tensor]],
+    class_names: Sequence[str],
+) -> None:
+    """Rows: images. Columns: clean, then per budget the adversarial image and its
+    perturbation amplified to the full range (mid-grey = unchanged)."""
+    n = len(x)
+    cols = 1 + 2 * len(panels)
+    fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n), squeeze=False)
+    for i in range(n):
+        _show(axes[i, 0], x[i].numpy())
+        axes[i, 0].set_title(f"clean: {class_names[int(y[i])]}", fontsize=7)
+        for j, (eps, adv, pred) in enumerate(panels):
+            delta = (adv[i] - x[i]).numpy()
+            _show(axes[i, 1 + 2 * j], adv[i].numpy())
+            axes[i, 1 + 2 * j].set_title(
+                f"{eps * 255:g}/255: {class_names[int(pred[i])]}", fontsize=7
+            )
+            scale = max(float(np.abs(delta).max()), 1e-8)
+            _show(axes[i, 2 + 2 * j], 0.5 + 0.5 * delta / scale)
+            axes[i, 2 + 2 * j].set_title(f"perturbation x{0.5 / scale:.0f}", fontsize=7)
+    save(fig, path)
+
+
+def plot_grid(
+    path: Path, images: np.ndarray, labels: np.ndarray, class_names: Sequence[str]
+) -> None:
+    """A 4-column grid of images titled with their class (for `medsec data --preview`)."""
+    n = len(images)
+    rows = max(1, (n + 3) // 4)
+    fig, axes = plt.subplots(rows, 4, figsize=(7, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i in range(n):
+        ax = axes.flat[i]
+        _show(ax, images[i])
+        ax.set_title(class_names[int(labels[i])], fontsize=8)
+    save(fig, path)

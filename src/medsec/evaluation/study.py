@@ -1,0 +1,132 @@
+"""`medsec reproduce`: data -> victim -> each selected defence (non-adaptive, then adaptive)
+-> the signature gate over every adversarial image -> report. Resumable: the victim and every
+cell are cached in the output directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medsec.data import EMBEDDED, load_dataset
+from medsec.data.base import Dataset
+from medsec.defences import get_defence, list_defences
+from medsec.errors import MedsecError
+from medsec.evaluation.context import PROFILES, Profile, StudyContext
+from medsec.models import TrainConfig, load_checkpoint, save_checkpoint, train_victim
+from medsec.utils import environment_record, seed_everything
+
+GATE = "signature-gate"
+
+
+def load_study_data(dataset: str, profile: Profile, seed: int, progress: bool) -> Dataset:
+    """Embedded data at the profile's sizes; user data as it comes (resized to the profile)."""
+    if dataset in EMBEDDED:
+        return load_dataset(
+            dataset,
+            size=profile.size,
+            n_train=profile.n_train,
+            n_val=profile.n_val,
+            n_test=profile.n_test,
+            seed=seed,
+            progress=progress,
+        )
+    return load_dataset(dataset, size=profile.size, seed=seed)
+
+
+def prepare_victim(
+    out: Path,
+    data: Dataset,
+    profile: Profile,
+    arch: str,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train the victim once per (data, arch, profile, seed); later runs load the checkpoint."""
+    cfg = TrainConfig(arch=arch, epochs=profile.epochs, patience=profile.patience, seed=seed)
+    path = out / "artifacts" / f"victim-{arch}-{data.content_hash[:12]}-e{cfg.epochs}-s{seed}.pt"
+    if path.exists():
+        try:
+            return load_checkpoint(path, device=device, expect_data_hash=data.content_hash)
+        except MedsecError:
+            path.unlink()  # damaged or stale: retrain rather than trust it
+    model, metrics = train_victim(data, cfg, device=device, progress=progress)
+    save_checkpoint(
+        path,
+        model,
+        arch=arch,
+        data_hash=data.content_hash,
+        image_size=data.size,
+        metrics=metrics,
+        settings=vars(cfg),
+    )
+    return load_checkpoint(path, device=device, expect_data_hash=data.content_hash)
+
+
+def resolve_defences(spec: str | None) -> list[str]:
+    """``None``/``all`` -> every registered entry; else a comma list (``none`` always first)."""
+    known = [d.name for d in list_defences()] + [GATE]
+    if spec in (None, "", "all"):
+        return known
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise MedsecError(f"unknown defence(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def reproduce(
+    out: Path,
+    *,
+    profile_name: str = "full",
+    dataset: str = "cxr-nodule",
+    defences: str | None = None,
+    arch: str = "small-cnn",
+    device: torch.device,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """Run the study into ``out`` and write the report; returns the report.md path."""
+    if profile_name not in PROFILES:
+        raise MedsecError(f"unknown profile {profile_name!r}; choose {', '.join(PROFILES)}")
+    profile = PROFILES[profile_name]
+    names = resolve_defences(defences)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    seed_everything(seed)
+    data = load_study_data(dataset, profile, seed, progress)
+    victim, meta = prepare_victim(out, data, profile, arch, seed, device, progress)
+    ctx = StudyContext(out, profile, data, victim, meta, device, seed, progress)
+    rows: list[dict[str, Any]] = []
+    timings: dict[str, float] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name == GATE:
+            from medsec.evaluation.gate import run_gate
+
+            rows += run_gate(ctx)
+        else:
+            rows += get_defence(name).run(ctx)
+        timings[name] = time.perf_counter() - t0
+    from medsec.evaluation.report import write_report
+
+    record = {
+        "profile": profile.record(),
+        "defences": names,
+        "seed": seed,
+        "environment": environment_record(device),
+        "wall_time_s": time.perf_counter() - start,
+        "wall_time_per_entry_s": timings,
+        "command": f"medsec reproduce --profile {profile_name} --dataset {dataset} "
+        f"--defences {','.join(names)} --arch {arch} --seed {seed}",
+    }
+    return write_report(ctx, rows, record)
+
+
+def read_metrics(out: Path) -> dict[str, Any]:
+    """Load a finished study's metrics.json."""
+    return json.loads((out / "metrics.json").read_text())

@@ -1,0 +1,217 @@
+"""The attack engine: success on a trained model, budgets, losses, EOT/BPDA, the criterion."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from medsec.attacks import (
+    BPDA,
+    EOT,
+    AttackSpec,
+    Criterion,
+    Objective,
+    as_two_logits,
+    cross_entropy,
+    logits_forward,
+    margin,
+    preset,
+    run_attack,
+)
+from medsec.errors import MedsecError
+
+
+def _xy(blob_data, n=120):
+    return torch.from_numpy(blob_data.test.images[:n]), torch.from_numpy(blob_data.test.labels[:n])
+
+
+def test_victim_learns(trained):
+    _, metrics = trained
+    assert metrics["clean_accuracy"] >= 0.9
+    assert metrics["clean_auc"] >= 0.95
+
+
+def test_pgd_linf_fools_trained_model_within_budget(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data)
+    eps = 8 / 255
+    res = run_attack(model, x, y, preset("pgd-20", eps))
+    assert res.success.float().mean() >= 0.9
+    assert (res.x_adv - x).abs().max() <= eps + 1e-6
+    assert res.x_adv.min() >= 0 and res.x_adv.max() <= 1
+    # success is exactly "the re-prediction is wrong"
+    pred = model(res.x_adv).argmax(1)
+    assert torch.equal(res.success, pred != y)
+
+
+def test_l2_budget_respected(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 60)
+    res = run_attack(model, x, y, preset("pgd-l2", 1.0))
+    norms = (res.x_adv - x).flatten(1).norm(dim=1)
+    assert norms.max() <= 1.0 + 1e-4
+    assert res.success.float().mean() >= 0.9
+
+
+def test_iterative_beats_single_step_and_asr_grows_with_eps(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data)
+    asr = {}
+    for name in ("fgsm", "pgd-20"):
+        for e in (1 / 255, 2 / 255, 4 / 255):
+            asr[(name, e)] = run_attack(model, x, y, preset(name, e)).success.float().mean().item()
+    for e in (1 / 255, 2 / 255, 4 / 255):
+        assert asr[("pgd-20", e)] >= asr[("fgsm", e)]
+    assert asr[("pgd-20", 1 / 255)] <= asr[("pgd-20", 2 / 255)] <= asr[("pgd-20", 4 / 255)]
+
+
+def test_margin_loss_two_class_by_hand():
+    z = torch.tensor([[2.0, -1.0], [0.5, 3.0]])
+    y = torch.tensor([0, 0])
+    out = {"logits": z}
+    assert torch.allclose(margin()(out, y, False), torch.tensor([-3.0, 2.5]))
+    t = torch.tensor([1, 1])
+    assert torch.allclose(margin()(out, t, True), torch.tensor([-3.0, 2.5]))
+    assert torch.allclose(margin(kappa=1.0)(out, y, False), torch.tensor([-3.0, 1.0]))
+
+
+def test_margin_and_ce_three_class():
+    z = torch.tensor([[1.0, 4.0, 2.0]])
+    y = torch.tensor([1])
+    assert margin()({"logits": z}, y, False).item() == pytest.approx(-2.0)
+    ce = cross_entropy()({"logits": z}, y, False).item()
+    assert ce == pytest.approx(-torch.log_softmax(z, 1)[0, 1].item())
+    assert cross_entropy()({"logits": z}, y, True).item() == pytest.approx(-ce)
+
+
+def test_single_logit_models_are_lifted():
+    z = torch.tensor([0.3, -2.0])
+    two = as_two_logits(z)
+    assert two.shape == (2, 2)
+    assert torch.allclose(torch.softmax(two, 1)[:, 1], torch.sigmoid(z))
+
+
+def test_detector_flagging_everything_gives_zero_success(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 50)
+
+    class FlagAll:
+        def flags(self, x):
+            return torch.ones(len(x), dtype=torch.bool)
+
+    res = run_attack(model, x, y, preset("pgd-20", 8 / 255), detector=FlagAll())
+    assert res.success.sum() == 0
+
+
+def test_targeted_attack_hits_target(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 60)
+    t = 1 - y
+    res = run_attack(model, x, y, preset("pgd-20", 8 / 255, targeted=True), targets=t)
+    assert res.success.float().mean() >= 0.9
+    assert torch.equal(res.success, model(res.x_adv).argmax(1) == t)
+    with pytest.raises(MedsecError):
+        run_attack(model, x, y, preset("pgd-20", 8 / 255, targeted=True))
+
+
+def test_eval_mode_during_attack_and_restored(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 20)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, inp: seen.append(m.training))
+    model.train()
+    try:
+        run_attack(model, x, y, preset("pgd-20", 2 / 255))
+    finally:
+        hook.remove()
+    assert seen and not any(seen)
+    assert model.training
+    model.eval()
+
+
+def test_eot_batched_equals_loop_and_averages():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return torch.stack([x.flatten(1).sum(1), torch.randn(len(x))], 1)
+
+    x = torch.zeros(3, 1, 2, 2)
+    idx = torch.arange(3)
+    obj = Objective(logits_forward(Noisy()), [(1.0, margin())], torch.zeros(3, dtype=torch.long))
+    torch.manual_seed(0)
+    loop = EOT(obj, 4000, batched=False)(x, idx)
+    batched = EOT(obj, 4000, batched=True)(x, idx)
+    assert loop.abs().max() < 0.1 and batched.abs().max() < 0.1  # E[noise - 0] = 0
+    single = obj(x, idx)
+    assert single.abs().max() > loop.abs().max()
+
+
+class Quantise(nn.Module):
+    """A gradient-killing step: 8-bit quantisation (zero gradient almost everywhere)."""
+
+    def forward(self, x):
+        return torch.round(x * 255) / 255
+
+
+def test_gradient_killing_layer_is_detected_and_bpda_beats_it(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 80)
+    masked = nn.Sequential(Quantise(), model).eval()
+    plain = run_attack(masked, x, y, preset("pgd-20", 8 / 255))
+    assert plain.zero_grad_fraction == 1.0
+    wrapped = nn.Sequential(BPDA(Quantise()), model).eval()
+    assert torch.equal(wrapped(x), masked(x))  # forward unchanged
+    res = run_attack(wrapped, x, y, preset("pgd-20", 8 / 255))
+    assert res.success.float().mean() >= 0.9
+    # success is judged on the deployed pipeline, quantisation included
+    assert torch.equal(res.success, masked(res.x_adv).argmax(1) != y)
+
+
+def test_identity_defence_is_beaten(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data, 80)
+    res = run_attack(nn.Sequential(nn.Identity(), model), x, y, preset("cw-linf", 8 / 255))
+    assert res.success.float().mean() >= 0.9
+
+
+def test_restarts_and_steps_change_little_on_trained_model(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data)
+    a = run_attack(model, x, y, preset("pgd-20", 2 / 255)).success.float().mean().item()
+    b = run_attack(model, x, y, preset("pgd-100", 2 / 255)).success.float().mean().item()
+    c = run_attack(model, x, y, preset("pgd-20", 2 / 255, restarts=4)).success.float().mean()
+    assert b >= a - 0.02
+    assert abs(b - a) <= 0.1 and abs(float(c) - a) <= 0.1
+
+
+def test_early_stop_does_not_lower_success(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data)
+    on = run_attack(model, x, y, preset("pgd-20", 2 / 255)).success.float().mean()
+    off = (
+        run_attack(model, x, y, preset("pgd-20", 2 / 255, early_stop=False)).success.float().mean()
+    )
+    assert on >= off - 0.02
+
+
+def test_eps_zero_is_clean_error_rate(trained, blob_data):
+    model, _ = trained
+    x, y = _xy(blob_data)
+    res = run_attack(model, x, y, preset("pgd-20", 0.0))
+    assert torch.equal(res.x_adv, x)
+    assert torch.equal(res.success, Criterion(model, y)(x))
+
+
+def test_spec_validation_and_record():
+    with pytest.raises(MedsecError):
+        AttackSpec("x", eps=-1)
+    with pytest.raises(MedsecError):
+        AttackSpec("x", eps=0.1, norm="l1")
+    with pytest.raises(MedsecError):
+        preset("nope", 0.1)
+    rec = preset("pgd-20", 4 / 255).record()
+    assert rec["alpha"] == pytest.approx(2.5 * 4 / 255 / 20)
+    assert rec["kappa"] is None and rec["steps"] == 20
+    assert math.isinf(preset("cw-linf", 0.1).kappa)

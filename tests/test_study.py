@@ -1,0 +1,149 @@
+"""`medsec reproduce` end to end on a tiny profile: contract, report, resume, gate; CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from medsec.cli import main
+from medsec.evaluation import study
+from medsec.evaluation.context import Profile
+
+TINY = Profile(
+    "tiny",
+    size=28,
+    n_train=400,
+    n_val=100,
+    n_test=120,
+    epochs=8,
+    patience=8,
+    n_attack=40,
+    eps=(2 / 255, 8 / 255),
+    batch_size=40,
+)
+ROW_KEYS = {
+    "defence",
+    "family",
+    "attack",
+    "adaptive",
+    "eps",
+    "n",
+    "clean_accuracy",
+    "attack_success_rate",
+    "detection_auc",
+    "tpr_at_5fpr",
+}
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    study.reproduce(
+        out,
+        dataset="fundus-lesion",
+        defences="none,signature-gate",
+        device=torch.device("cpu"),
+        progress=False,
+        profile=TINY,
+    )
+    return out
+
+
+def test_outputs_and_metrics_contract(finished):
+    m = json.loads((finished / "metrics.json").read_text())
+    assert m["dataset"]["name"] == "fundus-lesion"
+    assert {"clean_accuracy", "clean_auc"} <= set(m["victim"])
+    assert m["rows"] and all(set(r) >= ROW_KEYS for r in m["rows"])
+    families = {r["family"] for r in m["rows"]}
+    assert families == {"none", "integrity"}
+    attacks = {r["attack"] for r in m["rows"] if r["family"] == "none"}
+    assert {"fgsm", "bim", "pgd-20", "pgd-100", "cw-linf", "worst-case"} <= attacks
+    for r in m["rows"]:
+        assert 0 <= r["attack_success_rate"] <= 1
+        if r["family"] == "none" and r["attack"] != "worst-case":
+            assert r["settings"]["eps"] == r["eps"] and r["settings"]["steps"] >= 1
+    assert {c["check"] for c in m["sanity"]} >= {
+        "ASR non-decreasing in eps",
+        "unbounded attack reaches 100%",
+        "iterative >= single-step",
+        "more steps / restarts change little",
+        "no zero or NaN gradients",
+    }
+    assert all(isinstance(c["passed"], bool) for c in m["sanity"])
+    assert m["wall_time_s"] > 0 and m["environment"]["torch"] == torch.__version__
+    assert m["seed"] == 0 and m["profile"]["eps"] == list(TINY.eps)
+    with open(finished / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(m["rows"])
+    html = (finished / "report.html").read_text()
+    assert "data:image/png;base64," in html and "src='figures/" not in html
+    md = (finished / "report.md").read_text()
+    assert "Sanity checks" in md and "Signature gate" in md
+    for fig in m["figures"]:
+        assert (finished / fig["path"]).stat().st_size > 1000
+
+
+def test_undefended_victim_falls_at_large_eps(finished):
+    m = json.loads((finished / "metrics.json").read_text())
+    pgd = {
+        r["eps_255"]: r["attack_success_rate"]
+        for r in m["rows"]
+        if r["attack"] == "pgd-100" and r["family"] == "none"
+    }
+    assert pgd[8.0] >= 0.9
+
+
+def test_gate_rejects_all_altered_and_accepts_clean(finished):
+    m = json.loads((finished / "metrics.json").read_text())
+    gate = [r for r in m["rows"] if r["family"] == "integrity"]
+    assert gate and all(r["attack_success_rate"] == 0 for r in gate)
+    assert sum(r["changed"] for r in gate) > 0
+    assert all(r["rejection_rate"] == 1.0 for r in gate if r["changed"])
+    assert all(r["false_rejection_rate"] == 0.0 for r in gate)
+
+
+def test_rerun_resumes_without_recomputing(finished, monkeypatch):
+    import medsec.evaluation.baseline as baseline
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was recomputed")
+
+    cells = sorted(p.name for p in (finished / "cells").iterdir())
+    monkeypatch.setattr(baseline, "run_attack", boom)
+    monkeypatch.setattr(baseline, "_examples_figure", lambda ctx: None)
+    monkeypatch.setattr(study, "train_victim", boom)
+    study.reproduce(
+        finished,
+        dataset="fundus-lesion",
+        defences="none,signature-gate",
+        device=torch.device("cpu"),
+        progress=False,
+        profile=TINY,
+    )
+    assert sorted(p.name for p in (finished / "cells").iterdir()) == cells
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["reproduce", "--dataset", "nope", "--out", "{tmp}/o"], "unknown data set"),
+        (["reproduce", "--defences", "none,foo", "--out", "{tmp}/o"], "unknown defence"),
+        (["data", "{tmp}/missing.npz"], "no such file"),
+        (["attack", "--checkpoint", "{tmp}/none.pt"], "does not exist"),
+    ],
+)
+def test_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert needle in err and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_cli_bad_eps_is_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["attack", "--checkpoint", "x.pt", "--eps", "2"])
+    assert exc.value.code == 2
+    assert "eps must lie in [0, 1]" in capsys.readouterr().err
