@@ -39,18 +39,21 @@ class GradientKiller(nn.Module):
 
 
 def identity_defence(victim: nn.Module) -> nn.Module:
-    """A "defence" that does nothing: the adaptive machinery must beat it like the victim."""
-    return nn.Sequential(nn.Identity(), victim)
+    """A "defence" that does nothing: the adaptive machinery must beat it like the victim.
+
+    Wrappers take the victim's train/eval mode: the attack restores the wrapper's mode
+    afterwards, which must not leave the shared victim in training mode."""
+    return nn.Sequential(nn.Identity(), victim).train(victim.training)
 
 
 def gradient_killed(victim: nn.Module) -> nn.Module:
     """The victim behind a gradient-killing layer (what a gradient-based attack sees: 0)."""
-    return nn.Sequential(GradientKiller(), victim)
+    return nn.Sequential(GradientKiller(), victim).train(victim.training)
 
 
 def bpda_view(victim: nn.Module) -> nn.Module:
     """The same pipeline with the killer under BPDA (identity backward): the adaptive view."""
-    return nn.Sequential(BPDA(GradientKiller()), victim)
+    return nn.Sequential(BPDA(GradientKiller()), victim).train(victim.training)
 
 
 def margin_objective_factory(view: nn.Module) -> Any:
