@@ -20,7 +20,7 @@ def blob_split(n: int, size: int, seed: int, channels: int = 1) -> Split:
     yy, xx = np.mgrid[0:size, 0:size]
     for i in np.nonzero(y)[0]:
         cy, cx = rng.uniform(size * 0.25, size * 0.75, 2)
-        x[i] += 0.4 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 10) ** 2))
+        x[i] += 0.15 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size / 10) ** 2))
     return Split(np.clip(x, 0, 1).astype(np.float32), y.astype(np.int64))
 
 
