@@ -31,7 +31,11 @@ class DefenceEntry:
 
 _REGISTRY: dict[str, DefenceEntry] = {}
 # Modules that register defences when imported (kept explicit: no import-time magic).
-_MODULES = ("medsec.evaluation.baseline", "medsec.defences.robust.study")
+_MODULES = (
+    "medsec.evaluation.baseline",
+    "medsec.defences.robust.study",
+    "medsec.defences.detection.study",
+)
 
 
 def register_defence(name: str, family: str, summary: str) -> Callable[[StudyRun], StudyRun]:

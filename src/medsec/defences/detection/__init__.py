@@ -1,0 +1,21 @@
+"""Detection defences (Ma et al. 2021; Li & Zhu 2020) and the informed attacker's loss terms.
+
+The study entries live in :mod:`medsec.defences.detection.study` (registered by import).
+"""
+
+from medsec.defences.detection.base import CLEAN_FPR, Detector, FlagAll, threshold_at_fpr
+from medsec.defences.detection.deepfeat import DeepFeatureDetector
+from medsec.defences.detection.kd_bu import KDBUDetector
+from medsec.defences.detection.lid import LIDDetector
+from medsec.defences.detection.mgm import GaussianDetector
+
+__all__ = [
+    "CLEAN_FPR",
+    "DeepFeatureDetector",
+    "Detector",
+    "FlagAll",
+    "GaussianDetector",
+    "KDBUDetector",
+    "LIDDetector",
+    "threshold_at_fpr",
+]

@@ -1,0 +1,275 @@
+"""The informed attacker against detectors: detector-aware LOSS TERMS for the one engine.
+
+Every adaptive attack here is ``run_attack`` with the objective
+
+    margin(kappa) to the target class  +  lambda * sum of detector terms
+
+and the detector in the success criterion (misclassified AND not flagged at the threshold
+fixed beforehand). lambda is searched per example by rerunning the engine over a ladder of
+values on the examples not yet successful, keeping each example's first joint success.
+Terms (all maximised, all hinged so they stop pulling once the example is safely inside the
+clean region, which leaves the budget to the other terms):
+
+- ``detector_hinge``: the detector's own differentiable score (KD+BU: target-class KD
+  log-density and BU from fresh dropout masks on every call = EOT over dropout masks;
+  LID: batch-LID against the reference batch, differentiated directly; MGM: the Gaussian /
+  Mahalanobis NLL of every monitored layer under the target class);
+- ``gmm_matching``: HFC-style (Yao et al. 2021) per-layer Gaussian-mixture log-likelihood
+  of clean target-class features, so every monitored layer looks clean;
+- ``surrogate_hinge``: a differentiable MLP trained on the same features as the random
+  forest (clean vs adversarial), standing in for the forest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from medsec.attacks import AttackSpec, Objective, margin, run_attack
+from medsec.attacks.losses import LossTerm, Outputs
+from medsec.defences.detection.base import Detector, Features, pooled, threshold_at_fpr
+
+HINGE_SLACK = 0.25  # aim this many clean-score standard deviations below the threshold
+LAMBDAS = (0.0, 1.0, 10.0, 100.0)  # ladder of detector-term weights, smallest first
+ADAPTIVE_STEPS = 50  # PGD steps per rung (early stop at joint success)
+KAPPA = 2.0  # logit margin for the target class, then the budget goes to the detector
+GMM_COMPONENTS = 8
+GMM_FLOOR_QUANTILE = 0.25  # feature matching stops at this clean log-likelihood quantile
+
+
+def features_forward(victim: nn.Module) -> Callable[[Tensor], Outputs]:
+    """Objective forward exposing the victim's logits and every named feature."""
+
+    def forward(x: Tensor) -> Outputs:
+        logits, feats = victim.forward_features(x)
+        return {"logits": logits, **feats}
+
+    return forward
+
+
+def _features(out: Outputs) -> Features:
+    return {k: v for k, v in out.items() if k != "logits"}
+
+
+@dataclass(frozen=True)
+class Hinge:
+    """Where a score counts as safely clean: ``threshold - slack * scale``."""
+
+    threshold: float
+    scale: float
+
+    @classmethod
+    def from_clean(cls, threshold: float, clean_scores: np.ndarray) -> Hinge:
+        return cls(threshold, float(max(np.std(clean_scores), 1e-6)))
+
+    def penalty(self, score: Tensor) -> Tensor:
+        """0 once the score is ``HINGE_SLACK`` scales below the threshold, linear above."""
+        return torch.relu((score - self.threshold) / self.scale + HINGE_SLACK)
+
+
+def detector_hinge(detector: Detector, hinge: Hinge) -> LossTerm:
+    """Minus the hinged, differentiable detector score under the target class."""
+
+    def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
+        score = detector.attack_score(out["logits"], _features(out), labels)
+        return -hinge.penalty(score)
+
+    return term
+
+
+class LayerGMMs:
+    """Per-layer, per-class diagonal Gaussian mixtures of clean (pooled) features (HFC)."""
+
+    def __init__(self, layers: Sequence[str], components: int = GMM_COMPONENTS) -> None:
+        self.layers = tuple(layers)
+        self.components = components
+
+    def fit(self, feats: Features, labels: Tensor, seed: int = 0) -> LayerGMMs:
+        from sklearn.mixture import GaussianMixture
+
+        y = labels.numpy()
+        self.params_: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {}
+        self.floor_: dict[str, Tensor] = {}
+        for name in self.layers:
+            f = pooled(feats[name]).double().numpy()
+            per_class, floors = [], []
+            for c in range(int(y.max()) + 1):
+                gmm = GaussianMixture(
+                    self.components, covariance_type="diag", reg_covar=1e-4, random_state=seed
+                ).fit(f[y == c])
+                per_class.append(
+                    tuple(
+                        torch.tensor(a, dtype=torch.float32)
+                        for a in (np.log(gmm.weights_), gmm.means_, gmm.covariances_)
+                    )
+                )
+                floors.append(float(np.quantile(gmm.score_samples(f[y == c]), GMM_FLOOR_QUANTILE)))
+            self.params_[name] = per_class
+            self.floor_[name] = torch.tensor(floors, dtype=torch.float32)
+        return self
+
+    def log_likelihood(self, x: Tensor, name: str, c: int) -> Tensor:
+        logw, mu, var = (t.to(x.device) for t in self.params_[name][c])
+        d = x[:, None, :] - mu[None]
+        comp = -0.5 * ((d * d) / var + torch.log(2 * math.pi * var)).sum(-1)
+        return torch.logsumexp(comp + logw, dim=1)
+
+    def shortfall(self, feats: Features, classes: Tensor) -> Tensor:
+        """Per example, mean over layers of (clean quantile log-lik - log-lik)+ per dimension."""
+        total = torch.zeros(len(classes), device=classes.device)
+        for name in self.layers:
+            f = pooled(feats[name])
+            ll = torch.zeros(len(f), device=f.device)
+            for c in range(len(self.params_[name])):
+                rows = classes == c
+                if rows.any():
+                    ll = ll.index_put(
+                        (rows.nonzero()[:, 0],), self.log_likelihood(f[rows], name, c)
+                    )
+            floor = self.floor_[name].to(f.device)[classes]
+            total = total + torch.relu(floor - ll) / f.shape[1]
+        return total / len(self.layers)
+
+
+def gmm_matching(gmms: LayerGMMs) -> LossTerm:
+    """HFC-style term: every monitored layer at least as likely as a typical clean image."""
+
+    def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
+        return -gmms.shortfall(_features(out), labels)
+
+    return term
+
+
+class Surrogate(nn.Module):
+    """A differentiable stand-in for a non-differentiable detector on one feature layer."""
+
+    def __init__(self, dim: int, layer: str = "penultimate", hidden: int = 64) -> None:
+        super().__init__()
+        self.layer = layer
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, feats: Features) -> Tensor:
+        return self.net(pooled(feats[self.layer]))[:, 0]
+
+    def fit(self, clean: Tensor, adversarial: Tensor, epochs: int = 300, seed: int = 0) -> float:
+        """Full-batch Adam on clean (0) vs adversarial (1) features; returns train accuracy."""
+        torch.manual_seed(seed)
+        x = torch.cat([clean, adversarial]).float()
+        y = torch.cat([torch.zeros(len(clean)), torch.ones(len(adversarial))])
+        self.mu_, self.sd_ = x.mean(0), x.std(0).clamp_min(1e-6)
+        opt = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
+        xs = (x - self.mu_) / self.sd_
+        for _ in range(epochs):
+            loss = nn.functional.binary_cross_entropy_with_logits(self.net(xs)[:, 0], y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        self.net.requires_grad_(False)
+        with torch.no_grad():
+            return float(((self.net(xs)[:, 0] > 0).float() == y).float().mean())
+
+    def score(self, feats: Features) -> Tensor:
+        f = pooled(feats[self.layer])
+        return self.net((f - self.mu_.to(f.device)) / self.sd_.to(f.device))[:, 0]
+
+
+def surrogate_hinge(surrogate: Surrogate, hinge: Hinge) -> LossTerm:
+    """Minus the hinged surrogate score (its hinge set at 5% FPR on clean validation)."""
+
+    def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
+        return -hinge.penalty(surrogate.score(_features(out)))
+
+    return term
+
+
+def surrogate_hinge_for(surrogate: Surrogate, clean_val_feats: Features) -> Hinge:
+    with torch.no_grad():
+        s = surrogate.score(clean_val_feats).numpy()
+    return Hinge.from_clean(threshold_at_fpr(s), s)
+
+
+def runner_up(victim: nn.Module, x: Tensor, batch_size: int = 250) -> Tensor:
+    """Each image's most likely wrong class on the clean image (the attack's target)."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(x), batch_size):
+            xb = x[s : s + batch_size].to(next(victim.parameters()).device)
+            logits = victim(xb)
+            out.append(logits.topk(2, dim=1).indices[:, 1].cpu())
+    return torch.cat(out)
+
+
+@dataclass
+class LadderResult:
+    """Adaptive attack outcome: images, joint success, the lambda that succeeded (NaN: none)."""
+
+    x_adv: Tensor
+    success: Tensor
+    lam: Tensor
+    spec: AttackSpec
+    lambdas: tuple[float, ...]
+    seconds: float = 0.0
+    nonfinite_grad_fraction: float = 0.0
+    zero_grad_fraction: float = 0.0
+    per_rung: list[int] = field(default_factory=list)
+
+
+def lambda_ladder_attack(
+    victim: nn.Module,
+    detector: Detector,
+    x: Tensor,
+    y: Tensor,
+    spec: AttackSpec,
+    terms: Sequence[tuple[float, LossTerm]],
+    *,
+    lambdas: Sequence[float] = LAMBDAS,
+    kappa: float = KAPPA,
+    batch_size: int = 250,
+    seed: int = 0,
+) -> LadderResult:
+    """Rerun the engine over ``lambdas`` on the examples still failing; first success kept.
+
+    The attack is targeted at each image's runner-up class (for binary tasks: the other
+    class), with ``margin(kappa) + lambda * sum(w * term)`` as objective.
+    """
+    spec = replace(spec, targeted=True, loss="margin", kappa=kappa)
+    targets = runner_up(victim, x, batch_size)
+    forward = features_forward(victim)
+    x_adv, success = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    lam_used = torch.full((len(x),), float("nan"))
+    remaining = torch.arange(len(x))
+    result = LadderResult(x_adv, success, lam_used, spec, tuple(lambdas))
+    for rung, lam in enumerate(lambdas):
+        if len(remaining) == 0:
+            break
+
+        def factory(aim: Tensor, _idx: Tensor, lam: float = lam) -> Objective:
+            weighted = [(1.0, margin(kappa)), *[(lam * w, t) for w, t in terms]]
+            return Objective(forward, weighted, aim, targeted=True)
+
+        res = run_attack(
+            victim,
+            x[remaining],
+            y[remaining],
+            spec,
+            targets=targets[remaining],
+            detector=detector,
+            objective_factory=factory,
+            batch_size=batch_size,
+            seed=seed + rung,
+        )
+        x_adv[remaining] = res.x_adv
+        success[remaining] = res.success
+        lam_used[remaining[res.success]] = lam
+        share = len(remaining) / len(x)
+        result.seconds += res.seconds
+        result.nonfinite_grad_fraction += res.nonfinite_grad_fraction * share
+        result.zero_grad_fraction += res.zero_grad_fraction * share
+        result.per_rung.append(int(res.success.sum()))
+        remaining = remaining[~res.success]
+    return result

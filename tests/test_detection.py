@@ -1,0 +1,157 @@
+"""Detection defences: each detector's math on hand-checkable cases, the honest joint
+criterion, and (on a small victim trained here) the adaptive attack beating the
+non-adaptive one."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medsec.attacks import AttackSpec, preset, run_attack
+from medsec.data.base import Dataset
+from medsec.defences.detection import FlagAll, GaussianDetector, KDBUDetector, threshold_at_fpr
+from medsec.defences.detection.adaptive import Hinge, detector_hinge, lambda_ladder_attack
+from medsec.defences.detection.kd_bu import kernel_log_density, mc_dropout_uncertainty
+from medsec.defences.detection.lid import lid_mle
+from medsec.defences.detection.mgm import fit_gaussian, mahalanobis_sq
+
+
+def test_lid_of_points_on_a_line_is_one_and_on_a_plane_two() -> None:
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(16, 2, generator=gen)).Q.T  # 2 orthonormal directions
+    line = torch.rand(600, 1, generator=gen) @ basis[:1]
+    plane = torch.rand(3000, 2, generator=gen) @ basis
+    lid_line = lid_mle(line[:100], line[100:], k=20).mean()
+    lid_plane = lid_mle(plane[:200], plane[200:], k=20).mean()
+    assert abs(float(lid_line) - 1.0) < 0.2
+    assert abs(float(lid_plane) - 2.0) < 0.4
+
+
+def test_lid_by_hand() -> None:
+    # neighbours at distances 1, 2, 4: LID = -3 / (log 1/4 + log 2/4 + log 4/4) = 3 / log 8
+    ref = torch.tensor([[1.0], [2.0], [4.0], [50.0]])
+    assert float(lid_mle(torch.zeros(1, 1), ref, k=3)[0]) == pytest.approx(3 / math.log(8))
+
+
+def test_mahalanobis_of_a_known_gaussian() -> None:
+    d = torch.tensor([[1.0, 1.0]])
+    assert float(mahalanobis_sq(d, torch.zeros(2), torch.diag(torch.tensor([1.0, 4.0])))) == 5.0
+    rng = np.random.default_rng(0)
+    cov = np.array([[4.0, 1.2], [1.2, 1.0]])
+    mean, precision = fit_gaussian(rng.multivariate_normal([3.0, -1.0], cov, size=20000))
+    np.testing.assert_allclose(mean, [3.0, -1.0], atol=0.05)
+    np.testing.assert_allclose(precision, np.linalg.inv(cov), atol=0.05)
+    # one standard deviation along the first principal axis has distance 1
+    w, v = np.linalg.eigh(cov)
+    point = torch.tensor(mean + np.sqrt(w[1]) * v[:, 1])[None].float()
+    m2 = mahalanobis_sq(point, torch.tensor(mean).float(), torch.tensor(precision).float())
+    assert float(m2) == pytest.approx(1.0, abs=0.03)
+
+
+def test_kernel_density_of_a_known_point_set() -> None:
+    from sklearn.neighbors import KernelDensity
+
+    ref = torch.tensor([[0.0], [2.0]])
+    # at x = 1 both kernels contribute phi(1): density = phi(1)
+    expected = -0.5 - 0.5 * math.log(2 * math.pi)
+    assert float(kernel_log_density(torch.tensor([[1.0]]), ref)) == pytest.approx(expected)
+    rng = np.random.default_rng(1)
+    pts, q = rng.normal(size=(50, 5)), rng.normal(size=(7, 5))
+    skl = KernelDensity(bandwidth=1.0).fit(pts).score_samples(q)
+    ours = kernel_log_density(torch.tensor(q).float(), torch.tensor(pts).float())
+    np.testing.assert_allclose(ours.numpy(), skl, rtol=1e-4)
+
+
+def test_bayesian_uncertainty_is_zero_without_dropout_effect() -> None:
+    lin = nn.Linear(4, 2)
+    feats = torch.rand(3, 4)
+    assert torch.allclose(mc_dropout_uncertainty(feats, lin, 0.0), torch.zeros(3), atol=1e-6)
+    nn.init.zeros_(lin.weight)  # outputs ignore the (dropped) features
+    assert torch.allclose(mc_dropout_uncertainty(feats, lin, 0.5), torch.zeros(3), atol=1e-6)
+    nn.init.normal_(lin.weight, std=3.0)
+    assert bool((mc_dropout_uncertainty(feats, lin, 0.5) > 0).all())
+
+
+def test_threshold_at_fpr() -> None:
+    scores = np.arange(100.0)
+    t = threshold_at_fpr(scores, 0.05)
+    assert (scores > t).mean() == pytest.approx(0.05)
+    assert (np.zeros(10) > threshold_at_fpr(np.zeros(10))).mean() == 0  # ties never flag
+
+
+@pytest.fixture(scope="module")
+def attack_set(blob_data: Dataset, trained: tuple[nn.Module, dict]) -> tuple:
+    """The conftest victim and its first 100 correctly classified test images."""
+    victim, metrics = trained
+    assert metrics["clean_accuracy"] > 0.85
+    x = torch.from_numpy(blob_data.test.images)
+    y = torch.from_numpy(blob_data.test.labels)
+    with torch.no_grad():
+        ok = victim(x).argmax(1) == y
+    return blob_data, victim, x[ok][:100], y[ok][:100]
+
+
+def test_flag_everything_detector_gives_asr_zero(attack_set: tuple) -> None:
+    _, victim, x, y = attack_set
+    res = run_attack(victim, x, y, preset("pgd-20", 8 / 255), detector=FlagAll())
+    assert res.success.sum() == 0
+    assert run_attack(victim, x, y, preset("pgd-20", 8 / 255)).success.float().mean() > 0.9
+
+
+def test_gaussian_detector_threshold_and_adaptive_attack_beats_non_adaptive(
+    attack_set: tuple,
+) -> None:
+    data, victim, x, y = attack_set
+    det = GaussianDetector(victim)
+    det.fit(torch.from_numpy(data.train.images), torch.from_numpy(data.train.labels))
+    x_val = torch.from_numpy(data.val.images)
+    det.set_threshold(x_val)
+    assert int(det.flags(x_val).sum()) <= 0.05 * len(x_val)
+    eps = 8 / 255
+    plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
+    hinge = Hinge.from_clean(det.threshold, det.score(x_val).numpy())
+    spec = AttackSpec("adaptive", eps, steps=30)
+    adaptive = lambda_ladder_attack(
+        victim, det, x, y, spec, [(1.0, detector_hinge(det, hinge))], lambdas=(1.0, 10.0)
+    )
+    asr_plain = float(plain.success.float().mean())
+    asr_adaptive = float(adaptive.success.float().mean())
+    assert asr_adaptive >= 0.9
+    assert asr_adaptive >= asr_plain + 0.3, (asr_plain, asr_adaptive)
+    # success is the joint criterion: every success is misclassified and not flagged
+    ok = adaptive.success
+    assert not bool(det.flags(adaptive.x_adv[ok]).any())
+    with torch.no_grad():
+        assert bool((victim(adaptive.x_adv[ok]).argmax(1) != y[ok]).all())
+
+
+def test_kd_bu_detector_catches_pgd_and_adaptive_attack_evades(attack_set: tuple) -> None:
+    data, victim, x, y = attack_set
+    xt = torch.from_numpy(data.train.images)
+    yt = torch.from_numpy(data.train.labels)
+    det = KDBUDetector(victim)
+    det.fit_density(xt[:400], yt[:400])
+    eps = 8 / 255
+    adv_fit = run_attack(victim, xt[400:], yt[400:], preset("pgd-20", eps, early_stop=False))
+    info = det.fit_head(det.characteristics_of(xt[400:]), det.characteristics_of(adv_fit.x_adv))
+    assert info["fit_cv_auc"] > 0.8
+    x_val = torch.from_numpy(data.val.images)
+    det.set_threshold(x_val)
+    plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
+    hinge = Hinge.from_clean(det.threshold, det.score(x_val).numpy())
+    adaptive = lambda_ladder_attack(
+        victim,
+        det,
+        x,
+        y,
+        AttackSpec("adaptive", eps, steps=30),
+        [(1.0, detector_hinge(det, hinge))],
+        lambdas=(1.0, 10.0),
+    )
+    asr_plain = float(plain.success.float().mean())
+    asr_adaptive = float(adaptive.success.float().mean())
+    assert asr_adaptive >= asr_plain + 0.3, (asr_plain, asr_adaptive)
