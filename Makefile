@@ -29,8 +29,10 @@ test: venv sysdeps
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
+# torchattacks --no-deps: see the `bench` extra in pyproject.toml (keeps torch==2.13.0 CPU).
 bench: venv sysdeps
 	$(PIP) -e '.[bench]'
+	$(PIP) --no-deps torchattacks==3.5.1
 	$(BIN)/python benchmarks/attack_speed.py
 	$(BIN)/python benchmarks/signature_speed.py
 

@@ -131,15 +131,28 @@ def _random_start(x: Tensor, spec: AttackSpec, gen: torch.Generator | None) -> T
     return d / n * r * spec.eps
 
 
-def _step(delta: Tensor, grad: Tensor, spec: AttackSpec) -> Tensor:
-    """One ascent step and projection onto the eps-ball (L-inf: sign step, L2: unit step)."""
+def _bounds(x0: Tensor, spec: AttackSpec) -> tuple[Tensor, Tensor] | None:
+    """L-inf: per-pixel box ``[x0 - eps, x0 + eps]`` intersected with ``[0, 1]``; L2: None."""
+    if spec.norm != "linf":
+        return None
+    return (x0 - spec.eps).clamp_(min=0), (x0 + spec.eps).clamp_(max=1)
+
+
+def _step(
+    xa: Tensor, x0: Tensor, grad: Tensor, spec: AttackSpec, box: tuple[Tensor, Tensor] | None
+) -> Tensor:
+    """One ascent step, projected onto the eps-ball around ``x0`` and onto [0, 1].
+
+    L-inf: a sign step clamped to the precomputed box (one clamp equals clamping to the ball
+    and then to [0, 1]); L2: a unit-direction step, ball projection, then [0, 1].
+    """
+    if box is not None:
+        return torch.add(xa, grad.sign(), alpha=spec.alpha).clamp_(*box)
     shape = (-1, *[1] * (grad.ndim - 1))
-    if spec.norm == "linf":
-        return (delta + spec.alpha * grad.sign()).clamp_(-spec.eps, spec.eps)
     gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    delta = delta + spec.alpha * grad / gnorm
+    delta = xa - x0 + spec.alpha * grad / gnorm
     dnorm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    return delta * (spec.eps / dnorm).clamp(max=1.0)
+    return (x0 + delta * (spec.eps / dnorm).clamp(max=1.0)).clamp_(0, 1)
 
 
 def pgd(
@@ -167,10 +180,10 @@ def pgd(
         if len(idx) == 0:
             break
         x0 = x[idx]
-        delta = _random_start(x0, spec, generator)
-        delta = (x0 + delta).clamp_(0, 1) - x0
+        xa = (x0 + _random_start(x0, spec, generator)).clamp_(0, 1)
+        box = _bounds(x0, spec)
         for t in range(spec.steps):
-            xa = (x0 + delta).requires_grad_(True)
+            xa.requires_grad_(True)
             value = objective(xa, idx)
             (grad,) = torch.autograd.grad(value.sum(), xa)
             if t == 0 and restart == 0:
@@ -182,20 +195,20 @@ def pgd(
                 gstats["count"] += len(flat)
             if restart == 0:
                 curve.append(float(value.detach().mean()))
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            if not torch.isfinite(grad.sum()):  # one read; rewrite only if NaN/inf present
+                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             with torch.no_grad():
-                delta = _step(delta, grad, spec)
-                delta = (x0 + delta).clamp_(0, 1) - x0
+                xa = _step(xa.detach(), x0, grad, spec, box)
                 last = t == spec.steps - 1
                 if last or (t + 1) % check_every == 0:
-                    xa = x0 + delta
                     ok = criterion(xa, idx)
                     best[idx[ok]] = xa[ok]
                     done[idx[ok]] = True
                     if last:  # failures keep their final iterate of the latest restart
                         best[idx[~ok]] = xa[~ok]
                     keep = ~ok
-                    idx, x0, delta = idx[keep], x0[keep], delta[keep]
+                    idx, x0, xa = idx[keep], x0[keep], xa[keep]
+                    box = None if box is None else (box[0][keep], box[1][keep])
                     if len(idx) == 0:
                         break
     count = max(1, gstats["count"])
