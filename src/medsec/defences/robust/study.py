@@ -56,7 +56,7 @@ N_CAP = 200  # attacked images per defence (CPU budget), MedRDF half of it
 N_DIAG = 48  # images for the step-size sweep, the long run and the fixtures
 STEPS = 50
 RESTARTS = 2
-EOT_SAMPLES = 16
+EOT_SAMPLES = 10
 REPEATS = 5  # evaluations of a randomised pipeline's success
 SWEEP = (0.5, 1.0, 2.5, 5.0)
 SSAT_PAPER_EPS = (0.001, 0.002, 0.003)
@@ -363,7 +363,8 @@ def _diagnostics(
     ctx: StudyContext, dep: Deployed, x: Tensor, y: Tensor, idx: Tensor, main: dict[str, Any]
 ) -> dict[str, Any]:
     """Convergence (2x steps, 2x restarts), step-size sweep, unbounded attack, at 4/255."""
-    xd, yd, idd = x[:N_DIAG], y[:N_DIAG], idx[:N_DIAG]
+    n_diag = N_DIAG if dep.eot == 1 else N_DIAG // 2  # EOT multiplies the cost
+    xd, yd, idd = x[:n_diag], y[:n_diag], idx[:n_diag]
     long = _attack_cell(
         ctx,
         dep,
@@ -422,6 +423,7 @@ def _diagnostics(
         FAMILY,
     )
     return {
+        "n": len(xd),
         "main_asr_subset": main_sub,
         "long_asr": long["asr"],
         "sweep": sweep,
@@ -475,6 +477,7 @@ def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
     curve: list[tuple[float, float]] = []
     victim_curve: list[tuple[float, float]] = []
     adaptive_cells: dict[float, dict[str, Any]] = {}
+    victim_asr: dict[float, float] = {}
     for eps in ctx.profile.eps:
         spec = _adaptive_spec(dep, eps)
         cell = _attack_cell(ctx, dep, spec, x, y, idx, adaptive=True, what="adaptive")
@@ -489,6 +492,7 @@ def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
         )
         curve.append((eps * 255, clean * (1 - worst_asr)))
         victim_curve.append((eps * 255, victim_clean * (1 - ref["asr"])))
+        victim_asr[eps] = ref["asr"]
         rows.append(
             make_row(
                 **base,
@@ -522,7 +526,7 @@ def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
             )
         )
 
-    _checks_and_notes(ctx, dep, clean, non, adaptive_cells, gains, curve)
+    _checks_and_notes(ctx, dep, clean, non, adaptive_cells, gains, curve, victim_asr)
     d = _diagnostics(
         ctx, dep, x, y, idx, adaptive_cells[min(ctx.profile.eps, key=lambda e: abs(e - TARGET_EPS))]
     )
@@ -540,6 +544,7 @@ def _checks_and_notes(
     adaptive: dict[float, dict[str, Any]],
     gains: dict[str, float],
     curve: list[tuple[float, float]],
+    victim_asr: dict[float, float],
 ) -> None:
     name = dep.name
     best_gain = max(gains.values()) if gains else 0.0
@@ -575,7 +580,8 @@ def _checks_and_notes(
             (not gained) or a4["asr"] >= TARGET_ASR,
             f"non-adaptive gain {best_gain:.3f} ({'shown' if gained else 'not shown'}); "
             f"adaptive ASR {a4['asr']:.3f} +- {a4['asr_std']:.3f} over {dep.repeats} "
-            f"evaluation(s)",
+            f"evaluation(s); the same attack on the undefended victim: "
+            f"{victim_asr[eps4]:.3f}",
             defence=name,
         )
     else:
@@ -632,7 +638,7 @@ def _diagnostic_checks(ctx: StudyContext, dep: Deployed, d: dict[str, Any]) -> N
     ctx.add_check(
         f"{name}: convergence (2x steps and 2x restarts change ASR by <= {TOLERANCE})",
         d["long_asr"] - d["main_asr_subset"] <= TOLERANCE,
-        f"at 4/255 on {N_DIAG} images: {STEPS} steps x {RESTARTS} restarts ASR "
+        f"at 4/255 on {d['n']} images: {STEPS} steps x {RESTARTS} restarts ASR "
         f"{d['main_asr_subset']:.3f}, {2 * STEPS} x {2 * RESTARTS}: {d['long_asr']:.3f}",
         defence=name,
     )
