@@ -37,7 +37,12 @@ from medsec.attacks import (
     run_attack,
 )
 from medsec.defences import register_defence
+from medsec.defences.robust import dae as dae_module
 from medsec.defences.robust import diagnostics as diag
+from medsec.defences.robust import kmm as kmm_module
+from medsec.defences.robust import medrdf as medrdf_module
+from medsec.defences.robust import pgd_at as pgd_at_module
+from medsec.defences.robust import ssat as ssat_module
 from medsec.defences.robust.common import RobustTrainConfig, load_or_train
 from medsec.defences.robust.dae import DAEClassifier, DenoisingAutoEncoder, train_dae
 from medsec.defences.robust.kmm import KMMNet, train_kmm
@@ -79,6 +84,7 @@ class Deployed:
     reseed: Callable[[int], None] | None = None
     extra_diag: Callable[[Tensor], dict[str, float]] | None = None
     assumptions: list[str] = field(default_factory=list)
+    module: Any = None  # the defence's module, whose docstring states its assumptions
 
 
 # ---- building (training once, cached) ----------------------------------------------------
@@ -182,7 +188,7 @@ def _success(dep: Deployed, x_adv: Tensor, y: Tensor, seed: int, batch: int) -> 
         if dep.reseed is not None:
             dep.reseed(seed + 7919 * (r + 1))
         ok = [
-            Criterion(dep.pipeline, y[s : s + batch]).__call__(x_adv[s : s + batch])
+            Criterion(dep.pipeline, y[s : s + batch])(x_adv[s : s + batch])
             for s in range(0, len(x_adv), batch)
         ]
         out.append(torch.cat(ok).cpu())
@@ -431,7 +437,29 @@ def _diagnostics(
     }
 
 
+THREAT_MODEL = (
+    "Robustification threat model: a white-box attacker who knows the architecture, the "
+    "weights, every preprocessing step and the defence's randomness (MedRDF's noise "
+    "distribution and vote count, not the draws) and changes the pixels of the stored image "
+    "within an L-inf ball, eps in [0,1] pixel units. Adaptive attack = the engine's PGD with "
+    f"the margin loss, {STEPS} steps x {RESTARTS} restarts (alpha = 2.5 eps / steps), through "
+    f"the whole deployed pipeline; MedRDF: EOT over {EOT_SAMPLES} noise draws with BPDA (soft "
+    f"vote backward) around the vote, success re-predicted with the deployed vote {REPEATS} "
+    "times (mean +- std). Images attacked per defence: the first "
+    f"{N_CAP} (MedRDF {N_CAP // 2}) test images it classifies correctly."
+)
+
+
+def _assumed(module: Any) -> str:
+    """The 'Assumed:' paragraph of a defence module's docstring (goes into the report)."""
+    doc = module.__doc__ or ""
+    part = doc[doc.find("Assumed:") :] if "Assumed:" in doc else ""
+    return " ".join(part.split("\n\n")[0].split())
+
+
 def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
+    if THREAT_MODEL not in ctx.notes.get(FAMILY, []):
+        ctx.add_note(FAMILY, THREAT_MODEL)
     if dep.reseed is not None:
         dep.reseed(ctx.seed)
     clean = ctx.cell(
@@ -554,7 +582,10 @@ def _checks_and_notes(
     ctx.add_note(
         FAMILY,
         f"{name}: trained with {json.dumps(dep.train_record.get('config'))} -> {rec}. "
-        f"Clean test accuracy {clean:.3f}. " + " ".join(dep.assumptions),
+        f"Clean test accuracy {clean:.3f}. "
+        + " ".join(dep.assumptions)
+        + " "
+        + _assumed(dep.module),
     )
     ctx.add_note(
         FAMILY,
@@ -693,11 +724,22 @@ BUILDERS: dict[str, tuple[Callable[[StudyContext], Deployed], str]] = {
 }
 
 
+DOCS: dict[str, Any] = {
+    "ssat": ssat_module,
+    "kmm": kmm_module,
+    "dae": dae_module,
+    "medrdf": medrdf_module,
+    "pgd-at": pgd_at_module,
+}
+
+
 def _entry(
     name: str, build: Callable[[StudyContext], Deployed]
 ) -> Callable[[StudyContext], list[dict[str, Any]]]:
     def run(ctx: StudyContext) -> list[dict[str, Any]]:
-        return _evaluate(ctx, build(ctx))
+        dep = build(ctx)
+        dep.module = DOCS[name]
+        return _evaluate(ctx, dep)
 
     run.__doc__ = f"Study entry ``{name}``: train (cached), non-adaptive, adaptive, diagnostics."
     return run
