@@ -8,7 +8,8 @@ and the detector in the success criterion (misclassified AND not flagged at the 
 fixed beforehand). lambda is searched per example by rerunning the engine over a ladder of
 values on the examples not yet successful, keeping each example's first joint success.
 Terms (all maximised, all hinged so they stop pulling once the example is safely inside the
-clean region, which leaves the budget to the other terms):
+clean region, which leaves the budget to the other terms; all gated to examples the victim
+already assigns to the target class, see ``_on_target``):
 
 - ``detector_hinge``: the detector's own differentiable score (KD+BU: target-class KD
   log-density and BU from fresh dropout masks on every call = EOT over dropout masks;
@@ -56,6 +57,18 @@ def _features(out: Outputs) -> Features:
     return {k: v for k, v in out.items() if k != "logits"}
 
 
+def _on_target(out: Outputs, targets: Tensor) -> Tensor:
+    """1 where the victim already predicts the target class, else 0 (no gradient).
+
+    Detector terms act only there: before the label flips, the cheapest way to look clean
+    is to grow confident in the TRUE class (low MC-dropout uncertainty, high true-class
+    density), which fights the classifier term (measured: lambda 1 / 10 lowered the share
+    of fooled images from 90% to 52% / 30% at 4/255 without this gate).
+    """
+    z = out["logits"].detach()
+    return (z.argmax(1) == targets).float()
+
+
 @dataclass(frozen=True)
 class Hinge:
     """Where a score counts as safely clean: ``threshold - slack * scale``."""
@@ -77,7 +90,7 @@ def detector_hinge(detector: Detector, hinge: Hinge) -> LossTerm:
 
     def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
         score = detector.attack_score(out["logits"], _features(out), labels)
-        return -hinge.penalty(score)
+        return -hinge.penalty(score) * _on_target(out, labels)
 
     return term
 
@@ -140,7 +153,7 @@ def gmm_matching(gmms: LayerGMMs) -> LossTerm:
     """HFC-style term: every monitored layer at least as likely as a typical clean image."""
 
     def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
-        return -gmms.shortfall(_features(out), labels)
+        return -gmms.shortfall(_features(out), labels) * _on_target(out, labels)
 
     return term
 
@@ -182,7 +195,7 @@ def surrogate_hinge(surrogate: Surrogate, hinge: Hinge) -> LossTerm:
     """Minus the hinged surrogate score (its hinge set at 5% FPR on clean validation)."""
 
     def term(out: Outputs, labels: Tensor, targeted: bool) -> Tensor:
-        return -hinge.penalty(surrogate.score(_features(out)))
+        return -hinge.penalty(surrogate.score(_features(out))) * _on_target(out, labels)
 
     return term
 

@@ -376,6 +376,7 @@ def run_detector(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
             "steps": ADAPTIVE_STEPS,
             "lambdas": LAMBDAS,
             "kappa": KAPPA,
+            "terms": "hinged, gated on target class",
         }
         results[("adaptive", eps)] = ctx.cell(key, adaptive)
         rows.append(results[("adaptive", eps)]["row"])
