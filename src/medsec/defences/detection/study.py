@@ -59,6 +59,30 @@ N_FIT = 1000  # held-out training images (clean + adversarial) that fit supervis
 TARGET_ASR = 0.9
 
 
+ASSUMED = {
+    "ma-kd-bu": "KD: per-class Gaussian KDE of penultimate training features, bandwidth 1.0, "
+    "log-density under the predicted class; BU: 50 MC-dropout passes of the head (the only "
+    "dropout), masks re-seeded per call when deployed, fresh for the attacker (EOT).",
+    "ma-lid": "(assumed) the minibatch of 100 clean neighbours is a fixed random sample of "
+    "training images; LID (k = 20) of every named layer and the logits.",
+    "ma-deepfeat": "random forest (30 trees) on penultimate features; the attacker uses an "
+    "MLP surrogate trained on the same features plus per-layer GMM feature matching.",
+    "li-zhu-mgm": "(assumed) per-class Ledoit-Wolf Gaussians of channel-mean stage features "
+    "and the penultimate layer; score = mean over layers of standardised squared Mahalanobis "
+    "distance to the predicted class; clean training data only.",
+}
+COMMON_NOTE = (
+    "Detection study: supervised detectors are fitted per eps on the last "
+    f"{N_FIT} training images (clean) and their adversarial versions (a quarter each from "
+    "FGSM, BIM, PGD-20, CW-L-inf at that eps, no early stop); densities/references use the "
+    "other training images; every threshold is fixed at 5% FPR on clean validation images. "
+    "Non-adaptive attacks run to the end (as in the papers). Adaptive = per example the "
+    "plain attacks' joint successes (lambda 0), then targeted margin(kappa) + lambda x "
+    "detector terms for lambda in the ladder, the detector in the success criterion; "
+    "detection AUC = clean attacked images vs adversarial images that fool the victim."
+)
+
+
 @dataclass
 class Built:
     """A fitted detector at its fixed threshold plus the adaptive attacker's loss terms."""
@@ -381,6 +405,9 @@ def run_detector(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
         results[("adaptive", eps)] = ctx.cell(key, adaptive)
         rows.append(results[("adaptive", eps)]["row"])
     _report(ctx, name, results, x)
+    if COMMON_NOTE not in ctx.notes.get(FAMILY, []):
+        ctx.add_note(FAMILY, COMMON_NOTE)
+    ctx.add_note(FAMILY, f"{name}: {ASSUMED[name]}")
     ctx.add_note(
         FAMILY,
         f"{name}: entry took {time.perf_counter() - start:.0f} s "
