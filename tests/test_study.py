@@ -38,23 +38,41 @@ ROW_KEYS = {
 }
 
 
+def write_blob_folder(root):
+    """The conftest blob task as an image folder (train/val/test/<class>/*.png)."""
+    import numpy as np
+    from skimage.io import imsave
+
+    from conftest import blob_split
+
+    for split, n, seed in (("train", 400, 0), ("val", 100, 1), ("test", 120, 2)):
+        s = blob_split(n, 28, seed)
+        for i, (img, label) in enumerate(zip(s.images, s.labels, strict=True)):
+            d = root / split / ("0_absent", "1_present")[label]
+            d.mkdir(parents=True, exist_ok=True)
+            imsave(d / f"{i}.png", np.rint(img[0] * 255).astype(np.uint8), check_contrast=False)
+    return root
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
+    data = write_blob_folder(tmp_path_factory.mktemp("blobs"))
     out = tmp_path_factory.mktemp("study")
     study.reproduce(
         out,
-        dataset="fundus-lesion",
+        dataset=f"folder:{data}",
         defences="none,signature-gate",
         device=torch.device("cpu"),
         progress=False,
         profile=TINY,
     )
-    return out
+    return out, data
 
 
 def test_outputs_and_metrics_contract(finished):
+    finished, _ = finished
     m = json.loads((finished / "metrics.json").read_text())
-    assert m["dataset"]["name"] == "fundus-lesion"
+    assert m["dataset"]["classes"] == ["absent", "present"]
     assert {"clean_accuracy", "clean_auc"} <= set(m["victim"])
     assert m["rows"] and all(set(r) >= ROW_KEYS for r in m["rows"])
     families = {r["family"] for r in m["rows"]}
@@ -86,17 +104,24 @@ def test_outputs_and_metrics_contract(finished):
         assert (finished / fig["path"]).stat().st_size > 1000
 
 
-def test_undefended_victim_falls_at_large_eps(finished):
+def test_undefended_victim_learns_and_falls(finished):
+    """The victim learns the task, falls to PGD-100 at 8/255 and to an unbounded attack."""
+    finished, _ = finished
     m = json.loads((finished / "metrics.json").read_text())
     pgd = {
         r["eps_255"]: r["attack_success_rate"]
         for r in m["rows"]
         if r["attack"] == "pgd-100" and r["family"] == "none"
     }
-    assert pgd[8.0] >= 0.9
+    assert pgd[8.0] >= pgd[2.0] and pgd[8.0] >= 0.9
+    checks = {c["check"]: c for c in m["sanity"]}
+    assert checks["unbounded attack reaches 100%"]["passed"]
+    assert checks["no zero or NaN gradients"]["passed"]
+    assert m["victim"]["clean_accuracy"] >= 0.9
 
 
 def test_gate_rejects_all_altered_and_accepts_clean(finished):
+    finished, _ = finished
     m = json.loads((finished / "metrics.json").read_text())
     gate = [r for r in m["rows"] if r["family"] == "integrity"]
     assert gate and all(r["attack_success_rate"] == 0 for r in gate)
@@ -111,19 +136,20 @@ def test_rerun_resumes_without_recomputing(finished, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("a finished cell was recomputed")
 
-    cells = sorted(p.name for p in (finished / "cells").iterdir())
+    out, data = finished
+    cells = sorted(p.name for p in (out / "cells").iterdir())
     monkeypatch.setattr(baseline, "run_attack", boom)
     monkeypatch.setattr(baseline, "_examples_figure", lambda ctx: None)
     monkeypatch.setattr(study, "train_victim", boom)
     study.reproduce(
-        finished,
-        dataset="fundus-lesion",
+        out,
+        dataset=f"folder:{data}",
         defences="none,signature-gate",
         device=torch.device("cpu"),
         progress=False,
         profile=TINY,
     )
-    assert sorted(p.name for p in (finished / "cells").iterdir()) == cells
+    assert sorted(p.name for p in (out / "cells").iterdir()) == cells
 
 
 @pytest.mark.parametrize(

@@ -74,6 +74,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
         return signed[i]
 
     rows: list[dict[str, Any]] = []
+    clean_accuracy = ctx.clean_accuracy(ctx.victim)
     totals = {"n": 0, "changed": 0, "rejected": 0, "fooled_and_accepted": 0}
     for path in ctx.progress_iter(files, "signature gate"):
         digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
@@ -121,7 +122,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
                 adaptive=bool(meta.get("adaptive", False)),
                 eps=float(meta.get("eps", 0.0)),
                 n=cell["n"],
-                clean_accuracy=ctx.clean_accuracy(ctx.victim),
+                clean_accuracy=clean_accuracy,
                 attack_success_rate=cell["fooled_and_accepted"] / max(1, cell["n"]),
                 rejection_rate=cell["rejected"] / max(1, cell["changed"]),
                 changed=cell["changed"],
