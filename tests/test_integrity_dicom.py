@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from medsec.integrity import (
     sign_file,
     verify_dataset,
 )
-from medsec.integrity.dicom_signature import dataset_bytes, mac_stream_bytes
+from medsec.integrity.dicom_signature import _BackgroundHash, dataset_bytes, mac_stream_bytes
 
 DCMSIGN = shutil.which("dcmsign")
 
@@ -301,3 +302,20 @@ def test_keys_mode_and_no_overwrite(tmp_path: Path) -> None:
     assert len(TrustStore.from_dir(tmp_path / "k").anchors) == 1
     with pytest.raises(Exception, match="no certificates"):
         TrustStore.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name", ALL_SOURCES)
+def test_background_hash_equals_inline_hash(
+    name: str, sources: dict[str, Path], pki: dict[str, Signer], tmp_path: Path
+) -> None:
+    """The threaded sink gives the digest of the very stream ``dcmsign --dump`` checks."""
+    s = pki["rsa"]
+    signed = sign_file(sources[name], tmp_path / "s.dcm", s.key, s.cert, profile="none")
+    stream = mac_stream_bytes(pydicom.dcmread(signed))
+    sink = _BackgroundHash(hashlib.sha256())
+    sink._THREADED = 64  # exercise the worker thread even on the small files
+    view = memoryview(stream)
+    for start in range(0, len(view), 1000):
+        sink.update(view[start : start + 1000])
+    assert sink.digest() == hashlib.sha256(stream).digest()
+    assert verify_dataset(signed, s.trust).ok
