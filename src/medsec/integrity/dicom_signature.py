@@ -187,23 +187,36 @@ def _mac_transfer_syntax(ds: Dataset) -> str:
     return ExplicitVRLittleEndian
 
 
+def _item_stream(sig_item: Dataset, writer: MacStreamWriter) -> bytes:
+    """The signature item's own hashed elements, encoded as they end the MAC input.
+
+    A verifier encodes them before reading any of them: read values are converted by pydicom
+    and would then have to be re-encoded, where unread ones are hashed as the bytes read.
+    """
+    sink = ByteCollector()
+    writer.sink = sink
+    writer.write_elements(
+        sig_item, [t for t in tags_of(sig_item) if t not in UNHASHED_SIGNATURE_ELEMENTS]
+    )
+    writer.flush()
+    return sink.getvalue()
+
+
 def _signature_stream(
     sink: Sink,
     level: Dataset,
     tags: list[int],
-    sig_item: Dataset,
+    item_stream: bytes,
     writer: MacStreamWriter,
     flush: bool = True,
 ) -> None:
-    """Feed the MAC input: the signed elements, then the signature item's own elements.
+    """Feed the MAC input: the signed elements, then the signature item's (``_item_stream``).
 
     ``flush=False`` leaves the last small bytes in the writer's buffer (the caller flushes).
     """
     writer.sink = sink
     writer.write_elements(level, tags)
-    writer.write_elements(
-        sig_item, [t for t in tags_of(sig_item) if t not in UNHASHED_SIGNATURE_ELEMENTS]
-    )
+    writer.write_bytes(item_stream)
     if flush:
         writer.flush()
 
@@ -266,7 +279,8 @@ def sign_dataset(
     sig_item.CertificateType = CERTIFICATE_TYPE
 
     digest = new_hash(mac_name)
-    _signature_stream(digest, ds, signed, sig_item, MacStreamWriter.for_dataset(digest, ds))
+    writer = MacStreamWriter.for_dataset(digest, ds)
+    _signature_stream(digest, ds, signed, _item_stream(sig_item, writer), writer)
     sig_item.CertificateOfSigner = cert.public_bytes(serialization.Encoding.DER)
     sig_item.Signature = sign_digest(key, digest.digest(), mac_name)
 
@@ -343,6 +357,10 @@ def _signature_levels(ds: Dataset, path: str = "") -> Iterator[tuple[str, Datase
             yield from _signature_levels(item, f"{path}{tag_str(tag)}[{i}]")
 
 
+# What encoding an untrusted dataset may raise (reported, never a crash).
+_ENCODING_ERRORS = (ValueError, KeyError, TypeError, AttributeError, LookupError)
+
+
 def _check_one(
     check: SignatureCheck,
     level: Dataset,
@@ -351,6 +369,11 @@ def _check_one(
     writer: MacStreamWriter,
 ) -> None:
     """Run every check of one signature, recording the first failure in ``check``."""
+    item_stream: bytes | Exception
+    try:
+        item_stream = _item_stream(sig_item, writer)
+    except _ENCODING_ERRORS as exc:  # raised where the stream is needed, after the checks
+        item_stream = exc
     required = {
         "MACIDNumber": "MAC ID Number (0400,0005)",
         "DigitalSignatureUID": "Digital Signature UID (0400,0100)",
@@ -408,7 +431,9 @@ def _check_one(
         check.error = str(exc)
         return
     try:
-        _signature_stream(digest, level, list(check.signed_tags), sig_item, writer, flush=False)
+        if isinstance(item_stream, Exception):
+            raise item_stream
+        _signature_stream(digest, level, list(check.signed_tags), item_stream, writer, False)
         # While a large value is still being hashed: the checks that do not need the digest.
         creator = isinstance(public, rsa.RSAPublicKey) and not any(
             _creator_required(t) and t not in check.signed_tags for t in tags_of(level)
@@ -559,7 +584,7 @@ def _verify(
                 check = SignatureCheck(index=len(checks) + 1, location=location)
                 checks.append(check)
                 _check_one(check, level, sig_item, trust, writer)
-    except (ValueError, KeyError, TypeError, AttributeError, LookupError) as exc:
+    except _ENCODING_ERRORS as exc:
         return VerificationResult(
             False, Status.UNREADABLE, f"corrupt DICOM data ({exc})", signatures=checks
         )
@@ -616,5 +641,6 @@ def mac_stream_bytes(ds: Dataset, signature_index: int = 0) -> bytes:
     mac_item = next(p for p in ds.MACParametersSequence if p.MACIDNumber == sig_item.MACIDNumber)
     tags = _tag_list(mac_item.DataElementsSigned)
     sink = ByteCollector()
-    _signature_stream(sink, ds, tags, sig_item, MacStreamWriter.for_dataset(sink, ds))
+    writer = MacStreamWriter.for_dataset(sink, ds)
+    _signature_stream(sink, ds, tags, _item_stream(sig_item, writer), writer)
     return sink.getvalue()

@@ -170,6 +170,10 @@ class MacStreamWriter:
         else:
             self._buf += data
 
+    def write_bytes(self, data: bytes | memoryview) -> None:
+        """Bytes already in signature format (e.g. an item encoded ahead of time)."""
+        self._emit(data)
+
     def flush(self) -> None:
         """Hand buffered bytes to the sink; call once all elements are written."""
         if self._buf:

@@ -176,11 +176,12 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
 def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
     """Parse, verify and validate one upload; raise :class:`Refusal` on the first failure."""
     ds = _parse(body)
-    uid = str(ds.get("SOPInstanceUID", ""))
+    # The UID is read after verification: reading converts the element, and a converted
+    # element costs the verifier a re-encoding.
     try:
         verification = _verify(ds, policy) if policy.verify else None
         tensor, resized = _pixels(ds, policy)
     except Refusal as refusal:
-        refusal.sop_instance_uid = uid
+        refusal.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
         raise
-    return CheckedImage(uid, tensor, verification, resized)
+    return CheckedImage(str(ds.get("SOPInstanceUID", "")), tensor, verification, resized)
