@@ -20,11 +20,9 @@ import enum
 import functools
 import io
 import mmap
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -203,22 +201,13 @@ def _item_stream(sig_item: Dataset, writer: MacStreamWriter) -> bytes:
 
 
 def _signature_stream(
-    sink: Sink,
-    level: Dataset,
-    tags: list[int],
-    item_stream: bytes,
-    writer: MacStreamWriter,
-    flush: bool = True,
+    sink: Sink, level: Dataset, tags: list[int], item_stream: bytes, writer: MacStreamWriter
 ) -> None:
-    """Feed the MAC input: the signed elements, then the signature item's (``_item_stream``).
-
-    ``flush=False`` leaves the last small bytes in the writer's buffer (the caller flushes).
-    """
+    """Feed the MAC input: the signed elements, then the signature item's (``_item_stream``)."""
     writer.sink = sink
     writer.write_elements(level, tags)
     writer.write_bytes(item_stream)
-    if flush:
-        writer.flush()
+    writer.flush()
 
 
 def _check_key_cert(key: PrivateKey, cert: x509.Certificate) -> None:
@@ -426,25 +415,10 @@ def _check_one(
         return
     public = cert.public_key()
     try:
-        digest = _BackgroundHash(new_hash(check.mac_algorithm))
-    except UnsupportedAlgorithm as exc:
-        check.error = str(exc)
-        return
-    try:
         if isinstance(item_stream, Exception):
             raise item_stream
-        _signature_stream(digest, level, list(check.signed_tags), item_stream, writer, False)
-        # While a large value is still being hashed: the checks that do not need the digest.
-        creator = isinstance(public, rsa.RSAPublicKey) and not any(
-            _creator_required(t) and t not in check.signed_tags for t in tags_of(level)
-        )
-        when = _parse_dt(check.datetime)
-        trust_error = (
-            f"unreadable signature DateTime {check.datetime!r}"
-            if when is None
-            else trust.untrusted_reason(cert, when)
-        )
-        writer.flush()
+        digest = new_hash(check.mac_algorithm)
+        _signature_stream(digest, level, list(check.signed_tags), item_stream, writer)
         good = verify_digest(
             public, bytes(sig_item.Signature), digest.digest(), check.mac_algorithm
         )
@@ -454,15 +428,19 @@ def _check_one(
     except (KeyError, ValueError) as exc:
         check.error = f"signed data cannot be encoded ({exc})"
         return
-    finally:
-        digest.join()  # never leave a thread reading the mapped file
     if not good:
         check.error = "signature does not match the signed data (modified after signing)"
         return
     check.valid = True
-    check.creator = creator
-    check.trust_error = trust_error
-    check.trusted = trust_error is None
+    check.creator = isinstance(public, rsa.RSAPublicKey) and not any(
+        _creator_required(t) and t not in check.signed_tags for t in tags_of(level)
+    )
+    when = _parse_dt(check.datetime)
+    if when is None:
+        check.trust_error = f"unreadable signature DateTime {check.datetime!r}"
+        return
+    check.trust_error = trust.untrusted_reason(cert, when)
+    check.trusted = check.trust_error is None
 
 
 @functools.lru_cache(maxsize=64)
@@ -474,39 +452,6 @@ def _signer(blob: bytes) -> tuple[x509.Certificate, str, str]:
     cert = x509.load_der_x509_certificate(blob[: der_length(blob)])
     key_type = type(cert.public_key()).__name__.removeprefix("_").replace("PublicKey", "")
     return cert, describe(cert), key_type
-
-
-class _BackgroundHash:
-    """A hash sink that hashes large updates on a worker thread, in order.
-
-    hashlib releases the GIL on large buffers, so the caller goes on (encoding the rest of the
-    stream, checking the certificate) while a big pixel value is hashed. Any later update or
-    ``digest()`` first waits for the pending one.
-    """
-
-    _THREADED = 1 << 20  # smaller updates are hashed inline (a thread costs more)
-
-    def __init__(self, hash_obj: Any) -> None:
-        self._hash = hash_obj
-        self._pending: threading.Thread | None = None
-
-    def join(self) -> None:
-        """Wait for the pending update, if any."""
-        if self._pending is not None:
-            self._pending.join()
-            self._pending = None
-
-    def update(self, data: bytes | memoryview, /) -> None:
-        self.join()
-        if len(data) >= self._THREADED:
-            self._pending = threading.Thread(target=self._hash.update, args=(data,))
-            self._pending.start()
-        else:
-            self._hash.update(data)
-
-    def digest(self) -> bytes:
-        self.join()
-        return bytes(self._hash.digest())
 
 
 def _tag_list(value: object) -> list[int]:

@@ -217,7 +217,8 @@ class MacStreamWriter:
                 self.write_item(item)
             self._emit(SEQ_DELIMITER)
             return
-        little = raw.is_little_endian if is_raw else True
+        # A converted OW/OF/... value keeps the byte order of the file it was read from.
+        little = raw.is_little_endian if is_raw else ds.original_encoding[1] is not False
         undefined = raw.length == 0xFFFFFFFF if is_raw else raw.is_undefined_length
         if is_raw and not undefined and (little or vr in ("OB", "UN")):
             value = self._raw_value(raw)
