@@ -120,7 +120,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
                 family="integrity",
                 attack=path.stem,
                 adaptive=bool(meta.get("adaptive", False)),
-                eps=float(meta.get("eps", 0.0)),
+                eps=float(meta.get("eps") or 0.0),
                 n=cell["n"],
                 clean_accuracy=clean_accuracy,
                 attack_success_rate=cell["fooled_and_accepted"] / max(1, cell["n"]),
