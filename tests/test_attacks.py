@@ -178,7 +178,7 @@ def test_identity_defence_is_beaten(trained, blob_data):
 
 def test_restarts_and_steps_change_little_on_trained_model(trained, blob_data):
     model, _ = trained
-    x, y = _xy(blob_data)
+    x, y = _xy(blob_data, 60)
     a = run_attack(model, x, y, preset("pgd-20", 2 / 255)).success.float().mean().item()
     b = run_attack(model, x, y, preset("pgd-100", 2 / 255)).success.float().mean().item()
     c = run_attack(model, x, y, preset("pgd-20", 2 / 255, restarts=4)).success.float().mean()
