@@ -54,10 +54,7 @@ def write_blob_folder(root):
     return root
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    data = write_blob_folder(tmp_path_factory.mktemp("blobs"))
-    out = tmp_path_factory.mktemp("study")
+def run_tiny_study(out, data):
     study.reproduce(
         out,
         dataset=f"folder:{data}",
@@ -66,6 +63,13 @@ def finished(tmp_path_factory):
         progress=False,
         profile=TINY,
     )
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    data = write_blob_folder(tmp_path_factory.mktemp("blobs"))
+    out = tmp_path_factory.mktemp("study")
+    run_tiny_study(out, data)
     return out, data
 
 
@@ -141,14 +145,7 @@ def test_rerun_resumes_without_recomputing(finished, monkeypatch):
     monkeypatch.setattr(baseline, "run_attack", boom)
     monkeypatch.setattr(baseline, "_examples_figure", lambda ctx: None)
     monkeypatch.setattr(study, "train_victim", boom)
-    study.reproduce(
-        out,
-        dataset=f"folder:{data}",
-        defences="none,signature-gate",
-        device=torch.device("cpu"),
-        progress=False,
-        profile=TINY,
-    )
+    run_tiny_study(out, data)
     assert sorted(p.name for p in (out / "cells").iterdir()) == cells
 
 

@@ -561,21 +561,17 @@ def _report(
     )
 
 
-@register_defence("ma-kd-bu", FAMILY, "Ma et al. 2021: kernel density + MC-dropout uncertainty, LR")
-def run_kd_bu(ctx: StudyContext) -> list[dict[str, Any]]:
-    return run_detector(ctx, "ma-kd-bu")
+ENTRIES = {
+    "ma-kd-bu": "Ma et al. 2021: kernel density + MC-dropout uncertainty, LR",
+    "ma-lid": "Ma et al. 2021: local intrinsic dimensionality (k=20), LR",
+    "ma-deepfeat": "Ma et al. 2021: random forest (30 trees), deep features",
+    "li-zhu-mgm": "Li & Zhu 2020: unsupervised Gaussian models of features",
+}
 
 
-@register_defence("ma-lid", FAMILY, "Ma et al. 2021: local intrinsic dimensionality (k=20), LR")
-def run_lid(ctx: StudyContext) -> list[dict[str, Any]]:
-    return run_detector(ctx, "ma-lid")
+def _entry(name: str) -> Callable[[StudyContext], list[dict[str, Any]]]:
+    return lambda ctx: run_detector(ctx, name)
 
 
-@register_defence("ma-deepfeat", FAMILY, "Ma et al. 2021: random forest (30 trees), deep features")
-def run_deepfeat(ctx: StudyContext) -> list[dict[str, Any]]:
-    return run_detector(ctx, "ma-deepfeat")
-
-
-@register_defence("li-zhu-mgm", FAMILY, "Li & Zhu 2020: unsupervised Gaussian models of features")
-def run_mgm(ctx: StudyContext) -> list[dict[str, Any]]:
-    return run_detector(ctx, "li-zhu-mgm")
+for _name, _summary in ENTRIES.items():
+    register_defence(_name, FAMILY, _summary)(_entry(_name))
