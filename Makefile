@@ -35,6 +35,7 @@ bench: venv sysdeps
 	$(PIP) --no-deps torchattacks==3.5.1
 	$(BIN)/python benchmarks/attack_speed.py
 	$(BIN)/python benchmarks/signature_speed.py
+	$(BIN)/python benchmarks/service_load.py
 
 clean:
 	rm -rf $(VENV) results .medsec-cache
