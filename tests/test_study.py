@@ -170,3 +170,12 @@ def test_cli_bad_eps_is_usage_error(capsys):
         main(["attack", "--checkpoint", "x.pt", "--eps", "2"])
     assert exc.value.code == 2
     assert "eps must lie in [0, 1]" in capsys.readouterr().err
+
+
+def test_budget_curve_check_flags_a_fall():
+    from medsec.evaluation.baseline import _decreases
+
+    assert _decreases([(1 / 255, 0.2), (2 / 255, 0.5), (4 / 255, 0.9)]) == []
+    assert _decreases([(1 / 255, 0.2), (2 / 255, 0.6), (4 / 255, 0.5)]) == [
+        "0.600 at 2 > 0.500 at 4"
+    ]

@@ -115,20 +115,31 @@ def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
     return rows
 
 
+def _decreases(curve: list[tuple[float, float]]) -> list[str]:
+    return [
+        f"{v1:.3f} at {e1 * 255:g} > {v2:.3f} at {e2 * 255:g}"
+        for (e1, v1), (e2, v2) in itertools.pairwise(curve)
+        if v1 > v2
+    ]
+
+
 def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -> None:
     eps = ctx.profile.eps
+    # The budget curve must not fall for the iterative attacks (a fall means masking or a
+    # bug). Single-step FGSM may legitimately overshoot at large eps; shown, not judged.
+    iterative = [a for a in GRID_ATTACKS if a != "fgsm"]
     bad = [
-        f"{a}: {cells[(a, e1)]['asr']:.3f} at {e1 * 255:g} > {cells[(a, e2)]['asr']:.3f} "
-        f"at {e2 * 255:g}"
-        for a in GRID_ATTACKS
-        for e1, e2 in itertools.pairwise(eps)
-        if cells[(a, e1)]["asr"] > cells[(a, e2)]["asr"]
+        f"{a}: {d}" for a in iterative for d in _decreases([(e, cells[(a, e)]["asr"]) for e in eps])
     ]
+    fgsm = _decreases([(e, cells[("fgsm", e)]["asr"]) for e in eps])
     ctx.add_check(
         "ASR non-decreasing in eps",
         not bad,
-        "; ".join(bad)
-        or f"all {len(GRID_ATTACKS)} attacks monotone over {[round(e * 255, 2) for e in eps]}/255",
+        (
+            "; ".join(bad)
+            or f"{', '.join(iterative)} monotone over {[round(e * 255, 2) for e in eps]}/255"
+        )
+        + (f"; single-step FGSM overshoots (not judged): {'; '.join(fgsm)}" if fgsm else ""),
     )
 
     unbounded = attack_cell(ctx, preset("pgd-20", UNBOUNDED_EPS), what="unbounded")

@@ -171,7 +171,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("train", help="train a victim model and write a verified checkpoint")
-    p.add_argument("--data", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument("--data", default="fundus-lesion", help=DATA_HELP)
     p.add_argument("--arch", default="small-cnn", choices=list_models())
     p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224))
     p.add_argument("--epochs", type=int, default=40)
@@ -182,7 +182,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("attack", help="attack a checkpoint on a data split, print the ASR")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument("--data", default="fundus-lesion", help=DATA_HELP)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--attack", default="pgd-20", choices=list(PRESETS))
     p.add_argument(
@@ -207,7 +207,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "Rerunning continues where a killed run stopped.",
     )
     p.add_argument("--profile", default="full", choices=("quick", "full"))
-    p.add_argument("--dataset", default="cxr-nodule", help=DATA_HELP)
+    p.add_argument("--dataset", default="fundus-lesion", help=DATA_HELP)
     p.add_argument(
         "--defences",
         default="all",

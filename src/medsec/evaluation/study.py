@@ -83,7 +83,7 @@ def reproduce(
     out: Path,
     *,
     profile_name: str = "full",
-    dataset: str = "cxr-nodule",
+    dataset: str = "fundus-lesion",
     defences: str | None = None,
     arch: str = "small-cnn",
     device: torch.device,
