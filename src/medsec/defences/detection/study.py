@@ -50,6 +50,7 @@ from medsec.defences.detection.lid import LIDDetector
 from medsec.defences.detection.mgm import GaussianDetector
 from medsec.errors import MedsecError
 from medsec.evaluation.context import StudyContext, make_row
+from medsec.evaluation.figures import save as save_figure
 from medsec.utils import atomic_write_bytes
 
 FAMILY = "detection"
@@ -453,8 +454,7 @@ def _report(
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = ctx.figure_path(f"detection-{name}-roc.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     ctx.add_figure(
         path,
         f"{name}: ROC of the detector before (dashed, non-adaptive attacks) and "
@@ -480,8 +480,7 @@ def _report(
         fig.suptitle(f"{name}: misclassified and not flagged (eps {_e(top)}/255)", fontsize=9)
         fig.tight_layout()
         path = ctx.figure_path(f"detection-{name}-evading.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        save_figure(fig, path)
         ctx.add_figure(
             path,
             f"{name}: adaptive adversarial images that fool the victim and "

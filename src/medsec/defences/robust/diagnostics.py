@@ -29,6 +29,7 @@ from medsec.attacks import (
     margin,
     run_attack,
 )
+from medsec.evaluation.figures import save as save_figure
 
 
 class GradientKiller(nn.Module):
@@ -123,8 +124,7 @@ def plot_loss_and_sweep(
     b.set_title("step-size sweep")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_robust_accuracy(path: Path, curves: dict[str, list[list[float]]], title: str) -> None:
@@ -145,5 +145,4 @@ def plot_robust_accuracy(path: Path, curves: dict[str, list[list[float]]], title
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
