@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medsec.attacks import AttackSpec, preset, run_attack
@@ -113,15 +114,26 @@ def test_gaussian_detector_threshold_and_adaptive_attack_beats_non_adaptive(
     assert int(det.flags(x_val).sum()) <= 0.05 * len(x_val)
     eps = 8 / 255
     plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
-    hinge = Hinge.from_clean(det.threshold, det.score(x_val).numpy())
+    s_val = det.score(x_val).numpy()
+    hinge = Hinge.from_clean(s_val)
+    assert hinge.aim == np.median(s_val) and hinge.aim < det.threshold
     spec = AttackSpec("adaptive", eps, steps=30)
+    term = [(1.0, detector_hinge(det, hinge))]
     adaptive = lambda_ladder_attack(
-        victim, det, x, y, spec, [(1.0, detector_hinge(det, hinge))], lambdas=(1.0, 10.0)
+        victim, det, x, y, spec, term, lambdas=(1.0, 10.0), aim=hinge.aim
     )
     asr_plain = float(plain.success.float().mean())
     asr_adaptive = float(adaptive.success.float().mean())
     assert asr_adaptive >= 0.9
     assert asr_adaptive >= asr_plain + 0.3, (asr_plain, asr_adaptive)
+    # aiming at the clean median makes the scores look clean at ANY threshold
+    s_adv = det.score(adaptive.x_adv[adaptive.success]).numpy()
+    auc = roc_auc_score(np.r_[np.zeros(len(s_val)), np.ones(len(s_adv))], np.r_[s_val, s_adv])
+    assert adaptive.at_aim >= 0.8 * len(x) and auc <= 0.6, (adaptive.at_aim, auc)
+    # an aim no score can reach: success is still judged (and kept) at the deployed threshold
+    unreachable = lambda_ladder_attack(victim, det, x, y, spec, term, lambdas=(1.0,), aim=-np.inf)
+    assert unreachable.at_aim == 0 and unreachable.success.float().mean() >= 0.8
+    assert not bool(det.flags(unreachable.x_adv[unreachable.success]).any())
     # success is the joint criterion: every success is misclassified and not flagged
     ok = adaptive.success
     assert not bool(det.flags(adaptive.x_adv[ok]).any())
@@ -142,7 +154,7 @@ def test_kd_bu_detector_catches_pgd_and_adaptive_attack_evades(attack_set: tuple
     x_val = torch.from_numpy(data.val.images)
     det.set_threshold(x_val)
     plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
-    hinge = Hinge.from_clean(det.threshold, det.score(x_val).numpy())
+    hinge = Hinge.from_clean(det.score(x_val).numpy())
     adaptive = lambda_ladder_attack(
         victim,
         det,

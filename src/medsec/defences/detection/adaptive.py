@@ -7,6 +7,13 @@ Every adaptive attack here is ``run_attack`` with the objective
 and the detector in the success criterion (misclassified AND not flagged at the threshold
 fixed beforehand). lambda is searched per example by rerunning the engine over a ladder of
 values on the examples not yet successful, keeping each example's first joint success.
+
+The attacker AIMS lower than the deployed threshold: its own criterion (early stop, restarts,
+the ladder) asks each score to fall below the median clean validation score
+(``AIM_QUANTILE``), so adversarial scores look like typical clean ones at ANY threshold
+(detection AUC near 0.5), not merely just under the one fixed at 5% FPR. Where the aim is
+missed, an image that passes the deployed threshold is still kept; reported success is
+always judged at the deployed threshold.
 Terms (all maximised, all hinged so they stop pulling once the example is safely inside the
 clean region, which leaves the budget to the other terms; all gated to examples the victim
 already assigns to the target class, see ``_on_target``):
@@ -31,11 +38,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from medsec.attacks import AttackSpec, Objective, margin, run_attack
+from medsec.attacks import AttackSpec, Criterion, Objective, margin, run_attack
 from medsec.attacks.losses import LossTerm, Outputs
-from medsec.defences.detection.base import Detector, Features, pooled, threshold_at_fpr
+from medsec.defences.detection.base import Detector, Features, pooled
 
-HINGE_SLACK = 0.25  # aim this many clean-score standard deviations below the threshold
+AIM_QUANTILE = 0.5  # the attacker's target: scores below this quantile of clean scores
+HINGE_SLACK = 0.0  # the hinge stops pulling this many clean-score std's below the aim
 LAMBDAS = (1.0, 10.0)  # ladder of detector-term weights, smallest first (0 = plain attacks)
 ADAPTIVE_STEPS = 30  # PGD steps per rung (early stop at joint success)
 KAPPA = 2.0  # logit margin for the target class, then the budget goes to the detector
@@ -71,18 +79,31 @@ def _on_target(out: Outputs, targets: Tensor) -> Tensor:
 
 @dataclass(frozen=True)
 class Hinge:
-    """Where a score counts as safely clean: ``threshold - slack * scale``."""
+    """Where a score counts as safely clean: ``aim - slack * scale``."""
 
-    threshold: float
+    aim: float
     scale: float
 
     @classmethod
-    def from_clean(cls, threshold: float, clean_scores: np.ndarray) -> Hinge:
-        return cls(threshold, float(max(np.std(clean_scores), 1e-6)))
+    def from_clean(cls, clean_scores: np.ndarray, quantile: float = AIM_QUANTILE) -> Hinge:
+        """Aim at the ``quantile`` of clean scores, in units of their standard deviation."""
+        s = np.asarray(clean_scores, dtype=np.float64)
+        return cls(float(np.quantile(s, quantile)), float(max(np.std(s), 1e-6)))
 
     def penalty(self, score: Tensor) -> Tensor:
-        """0 once the score is ``HINGE_SLACK`` scales below the threshold, linear above."""
-        return torch.relu((score - self.threshold) / self.scale + HINGE_SLACK)
+        """0 once the score is ``HINGE_SLACK`` scales below the aim, linear above."""
+        return torch.relu((score - self.aim) / self.scale + HINGE_SLACK)
+
+
+class Aimed:
+    """The attacker's own criterion detector: flags scores above ``aim`` (not the deployed
+    threshold), so early stop and restarts continue until the score looks typically clean."""
+
+    def __init__(self, detector: Detector, aim: float) -> None:
+        self.detector, self.aim = detector, aim
+
+    def flags(self, x: Tensor) -> Tensor:
+        return (self.detector.score(x) > self.aim).to(x.device)
 
 
 def detector_hinge(detector: Detector, hinge: Hinge) -> LossTerm:
@@ -200,12 +221,6 @@ def surrogate_hinge(surrogate: Surrogate, hinge: Hinge) -> LossTerm:
     return term
 
 
-def surrogate_hinge_for(surrogate: Surrogate, clean_val_feats: Features) -> Hinge:
-    with torch.no_grad():
-        s = surrogate.score(clean_val_feats).numpy()
-    return Hinge.from_clean(threshold_at_fpr(s), s)
-
-
 def runner_up(victim: nn.Module, x: Tensor, batch_size: int = 250) -> Tensor:
     """Each image's most likely wrong class on the clean image (the attack's target)."""
     out = []
@@ -230,6 +245,8 @@ class LadderResult:
     nonfinite_grad_fraction: float = 0.0
     zero_grad_fraction: float = 0.0
     per_rung: list[int] = field(default_factory=list)
+    aim: float | None = None
+    at_aim: int = 0
 
 
 def lambda_ladder_attack(
@@ -242,35 +259,43 @@ def lambda_ladder_attack(
     *,
     lambdas: Sequence[float] = LAMBDAS,
     kappa: float = KAPPA,
+    aim: float | None = None,
     start: tuple[Tensor, Tensor] | None = None,
     batch_size: int = 250,
     seed: int = 0,
 ) -> LadderResult:
-    """Rerun the engine over ``lambdas`` on the examples still failing; first success kept.
+    """Rerun the engine over ``lambdas`` on the examples not yet at the aim; best kept.
 
     The attack is targeted at each image's runner-up class (for binary tasks: the other
-    class), with ``margin(kappa) + lambda * sum(w * term)`` as objective. ``start`` =
-    (images, joint success) of plain attacks already run (the lambda = 0 rung): their
-    successes are kept (per-example worst case) and only the rest is attacked.
+    class), with ``margin(kappa) + lambda * sum(w * term)`` as objective. ``aim``: the score
+    the attacker's criterion demands (``None``: the deployed threshold). ``start`` = (images,
+    joint success) of plain attacks already run (the lambda = 0 rung): their successes are
+    kept (per-example worst case); those already under the aim are not attacked again.
+    ``success`` is judged at the deployed threshold; an image replaces an earlier one only
+    if it reaches the aim or is the example's first deployed-threshold success.
     """
     spec = replace(spec, targeted=True, loss="margin", kappa=kappa)
+    device = next(victim.parameters()).device
+    aimed = detector if aim is None else Aimed(detector, aim)
     targets = runner_up(victim, x, batch_size)
     forward = features_forward(victim)
     x_adv, success = x.clone(), torch.zeros(len(x), dtype=torch.bool)
+    at_aim = torch.zeros(len(x), dtype=torch.bool)
     lam_used = torch.full((len(x),), float("nan"))
-    remaining = torch.arange(len(x))
     if start is not None:
         done = start[1].cpu().bool()
         x_adv[done], success[done], lam_used[done] = start[0][done], True, 0.0
-        remaining = remaining[~done]
-    result = LadderResult(x_adv, success, lam_used, spec, tuple(lambdas))
+        if done.any():
+            at_aim[done] = _succeeds(victim, aimed, x_adv[done], y[done], device)
+    remaining = torch.nonzero(~at_aim)[:, 0]
+    result = LadderResult(x_adv, success, lam_used, spec, tuple(lambdas), aim=aim)
     for rung, lam in enumerate(lambdas):
         if len(remaining) == 0:
             break
 
-        def factory(aim: Tensor, _idx: Tensor, lam: float = lam) -> Objective:
+        def factory(aim_targets: Tensor, _idx: Tensor, lam: float = lam) -> Objective:
             weighted = [(1.0, margin(kappa)), *[(lam * w, t) for w, t in terms if lam > 0]]
-            return Objective(forward, weighted, aim, targeted=True)
+            return Objective(forward, weighted, aim_targets, targeted=True)
 
         res = run_attack(
             victim,
@@ -278,18 +303,29 @@ def lambda_ladder_attack(
             y[remaining],
             spec,
             targets=targets[remaining],
-            detector=detector,
+            detector=aimed,
             objective_factory=factory,
             batch_size=batch_size,
             seed=seed + rung,
         )
-        x_adv[remaining] = res.x_adv
-        success[remaining] = res.success
-        lam_used[remaining[res.success]] = lam
+        deployed = _succeeds(victim, detector, res.x_adv, y[remaining], device)
+        take = res.success | (deployed & ~success[remaining])
+        x_adv[remaining[take]] = res.x_adv[take]
+        lam_used[remaining[take]] = lam
+        success[remaining[take]] = deployed[take]
+        at_aim[remaining[res.success]] = True
         share = len(remaining) / len(x)
         result.seconds += res.seconds
         result.nonfinite_grad_fraction += res.nonfinite_grad_fraction * share
         result.zero_grad_fraction += res.zero_grad_fraction * share
         result.per_rung.append(int(res.success.sum()))
         remaining = remaining[~res.success]
+    result.at_aim = int(at_aim.sum())
     return result
+
+
+def _succeeds(
+    victim: nn.Module, detector: Detector | Aimed, x: Tensor, y: Tensor, device: torch.device
+) -> Tensor:
+    """The one success decision (misclassified AND not flagged), on CPU."""
+    return Criterion(victim, y.to(device), detector=detector)(x.to(device)).cpu()
