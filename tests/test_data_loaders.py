@@ -36,8 +36,9 @@ def write_npz(
     for split, count in zip(("train", "val", "test"), n, strict=True):
         shape = (count, px, px, 3) if rgb else (count, px, px)
         arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        arrays[f"{split}_labels"] = (np.arange(count * label_cols) % classes).reshape(
-            count, label_cols).astype(np.uint8)
+        arrays[f"{split}_labels"] = (
+            (np.arange(count * label_cols) % classes).reshape(count, label_cols).astype(np.uint8)
+        )
     arrays.update(override)
     np.savez_compressed(path, **arrays)
     return path
@@ -74,9 +75,7 @@ def test_rgb_flags_and_dermamnist_licence(tmp_path: Path) -> None:
     ds = load_medmnist(str(write_npz(tmp_path / "pathmnist.npz", classes=9, rgb=True)), size=28)
     assert ds.channels == 3 and ds.train.images.shape == (24, 3, 28, 28)
     assert ds.class_names[-1] == "colorectal adenocarcinoma epithelium"
-    derma = load_medmnist(
-        str(write_npz(tmp_path / "dermamnist.npz", classes=7, rgb=True)), size=28
-    )
+    derma = load_medmnist(str(write_npz(tmp_path / "dermamnist.npz", classes=7, rgb=True)), size=28)
     assert derma.provenance["licence"] == "CC BY-NC 4.0"
     assert derma.class_names[4] == "melanoma"
 
@@ -177,8 +176,11 @@ def write_png(path: Path, value: int, shape: tuple[int, ...] = (20, 24)) -> None
     io.imsave(path, np.full(shape, value, np.uint8), check_contrast=False)
 
 
-def make_tree(root: Path, classes: tuple[str, ...] = ("2_control", "10_case"),
-              counts: dict[str, int] | None = None) -> Path:
+def make_tree(
+    root: Path,
+    classes: tuple[str, ...] = ("2_control", "10_case"),
+    counts: dict[str, int] | None = None,
+) -> Path:
     """Gray PNGs of value 40 + 100 * class + index, and one RGB file in train."""
     counts = counts or {"train": 10, "test": 3}
     for split, k in counts.items():
@@ -226,15 +228,19 @@ def test_folder_formats_and_16_bit(tmp_path: Path) -> None:
     for split in ("train", "test"):
         for ext in (".jpg", ".tif", ".bmp", ".png"):
             write_png(root / split / "0_a" / f"x{ext}", 128)
-        io.imsave(root / split / "0_a" / "deep.png", np.full((8, 8), 65535, np.uint16),
-                  check_contrast=False)
+        io.imsave(
+            root / split / "0_a" / "deep.png",
+            np.full((8, 8), 65535, np.uint16),
+            check_contrast=False,
+        )
         write_png(root / split / "1_b" / "y.png", 0)
         (root / split / "1_b" / "notes.txt").write_text("ignored")
     ds = load_folder(str(root), size=28, val_fraction=0.0)
     assert len(ds.val) == 0 and len(ds.test) == 6
     means = ds.test.images.mean(axis=(1, 2, 3))
-    np.testing.assert_allclose(means[:5], [1.0, 128 / 255, 128 / 255, 128 / 255, 128 / 255],
-                               atol=2e-2)  # JPEG is lossy
+    np.testing.assert_allclose(
+        means[:5], [1.0, 128 / 255, 128 / 255, 128 / 255, 128 / 255], atol=2e-2
+    )  # JPEG is lossy
     assert means[5] == 0.0
 
 
@@ -280,8 +286,9 @@ def test_stratified_split_properties() -> None:
 # ---------------------------------------------------------------- DICOM
 
 
-def write_dicom(path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2",
-                **attrs: object) -> Path:
+def write_dicom(
+    path: Path, arr: np.ndarray, photometric: str = "MONOCHROME2", **attrs: object
+) -> Path:
     """A minimal valid DICOM file (Secondary Capture) holding ``arr``."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
@@ -338,8 +345,12 @@ def test_dicom_monochrome1_rescale_window(tmp_path: Path) -> None:
     write_dicom(tmp_path / "m1.dcm", GRADIENT, "MONOCHROME1")
     write_dicom(tmp_path / "ct.dcm", GRADIENT, RescaleSlope=2, RescaleIntercept=-1024)
     write_dicom(tmp_path / "win.dcm", GRADIENT, WindowCenter=300, WindowWidth=200)
-    rows = [("m2.dcm", "0", "train"), ("m1.dcm", "0", "val"), ("ct.dcm", "1", "test"),
-            ("win.dcm", "1", "train")]
+    rows = [
+        ("m2.dcm", "0", "train"),
+        ("m1.dcm", "0", "val"),
+        ("ct.dcm", "1", "test"),
+        ("win.dcm", "1", "train"),
+    ]
     ds = load_dicom_csv(str(write_csv(tmp_path / "l.csv", rows, "path,label,split")), size=28)
     m2, win = ds.train.images[0, 0], ds.train.images[1, 0]
     m1, ct = ds.val.images[0, 0], ds.test.images[0, 0]
@@ -419,8 +430,9 @@ def test_load_dataset_dispatch(tmp_path: Path) -> None:
 
     for i in range(6):
         write_dicom(tmp_path / "dcm" / f"{i}.dcm", GRADIENT + i)
-    table = write_csv(tmp_path / "dcm" / "labels.csv",
-                      [(f"{i}.dcm", "ab"[i % 2]) for i in range(6)])
+    table = write_csv(
+        tmp_path / "dcm" / "labels.csv", [(f"{i}.dcm", "ab"[i % 2]) for i in range(6)]
+    )
     via_prefix = load_dataset(f"dicom:{table}", size=28, test_fraction=0.34, flag="ignored")
     assert via_prefix.provenance["source"] == "dicom" and len(via_prefix.test) == 2
     assert load_dataset(str(table), size=28).class_names == ("a", "b")

@@ -185,7 +185,7 @@ def stratified_split(
         start = 0
         for name, frac in fractions.items():
             k = max(0, min(int(np.floor(frac * len(idx) + 0.5)), len(idx) - start - 1))
-            parts[name].append(idx[start:start + k])
+            parts[name].append(idx[start : start + k])
             start += k
         train.append(idx[start:])
     for name, frac in fractions.items():
@@ -194,8 +194,7 @@ def stratified_split(
             if biggest is not None and len(train[biggest]) > 1:
                 parts[name].append(train[biggest][-1:])
                 train[biggest] = train[biggest][:-1]
-    out = {name: np.sort(np.concatenate(p or [np.empty(0, np.int64)])) for name, p in
-           parts.items()}
+    out = {name: np.sort(np.concatenate(p or [np.empty(0, np.int64)])) for name, p in parts.items()}
     out["train"] = np.sort(np.concatenate(train or [np.empty(0, np.int64)]))
     return {k: v.astype(np.int64) for k, v in out.items()}
 
