@@ -27,6 +27,7 @@ run: venv
 
 test: venv sysdeps
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/python -m pytest -q
 
 # torchattacks --no-deps: see the `bench` extra in pyproject.toml (keeps torch==2.13.0 CPU).
