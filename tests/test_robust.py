@@ -159,3 +159,25 @@ def test_kmm_starts_as_the_victim_and_reports_saturation(setup) -> None:
     m = kmm.kmm2.mapping
     assert torch.equal(m.psi.detach(), torch.eye(m.psi.shape[0]))
     assert torch.all(m.beta.detach() == 2.0)
+
+
+def test_pgd_at_eps_ramps_up_over_the_training_steps(setup, monkeypatch) -> None:
+    """PGD-AT's eps grows linearly to the training eps over RAMP of the steps it takes."""
+    from medsec.defences.robust import pgd_at
+    from medsec.defences.robust.common import minibatches
+
+    data, victim, _, _ = setup
+    cfg = RobustTrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=0)
+    taken = sum(1 for _ in minibatches(torch.zeros(300), torch.zeros(300), cfg))
+    assert pgd_at.total_steps(300, cfg) == taken
+    seen: list[float] = []
+    real = pgd_at.run_attack
+    monkeypatch.setattr(
+        pgd_at,
+        "run_attack",
+        lambda m, x, y, spec, **k: seen.append(spec.eps) or real(m, x, y, spec, **k),
+    )
+    rec = train_pgd_at(copy.deepcopy(victim), data, cfg, eps=8 / 255, ramp=0.5)
+    assert len(seen) == taken and rec["eps_ramp_steps"] == round(0.5 * taken)
+    assert seen == sorted(seen) and 0 < seen[0] < seen[-1] == pytest.approx(8 / 255)
+    assert seen[rec["eps_ramp_steps"] - 1] == pytest.approx(8 / 255)

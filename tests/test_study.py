@@ -179,3 +179,41 @@ def test_budget_curve_check_flags_a_fall():
     assert _decreases([(1 / 255, 0.2), (2 / 255, 0.6), (4 / 255, 0.5)]) == [
         "0.600 at 2 > 0.500 at 4"
     ]
+
+
+def test_detection_entries_end_to_end(finished, tmp_path, capsys):
+    """Two detectors through `reproduce`: rows, the paper-protocol AUC, the attacker's aim,
+    the report's tables and one progress line per computed cell."""
+    _, data = finished
+    out = tmp_path / "det"
+    study.reproduce(
+        out,
+        dataset=f"folder:{data}",
+        defences="ma-kd-bu,li-zhu-mgm",
+        device=torch.device("cpu"),
+        progress=True,
+        profile=TINY,
+    )
+    m = json.loads((out / "metrics.json").read_text())
+    rows = [r for r in m["rows"] if r["family"] == "detection"]
+    assert {(r["defence"], r["adaptive"]) for r in rows} == {
+        (d, a) for d in ("ma-kd-bu", "li-zhu-mgm") for a in (False, True)
+    }
+    assert {r["eps_255"] for r in rows} == {2.0}  # the profile's only eps in {1, 2, 4}/255
+    for r in rows:
+        assert 0 <= r["attack_success_rate"] <= 1 and r["clean_fpr"] <= 0.2
+        if r["adaptive"]:
+            assert r["reached_aim"] <= r["n"] and r["attacker_aim"] <= r["threshold"]
+        elif r["defence"] == "ma-kd-bu":  # supervised: refitted per attack as in Ma et al.
+            assert 0 <= r["detection_auc_per_attack_fit"] <= 1
+        else:  # unsupervised: nothing to refit
+            assert r["detection_auc_per_attack_fit"] is None
+    adaptive = {r["defence"]: r for r in rows if r["adaptive"]}
+    best_plain = {
+        d: max(r["attack_success_rate"] for r in rows if r["defence"] == d and not r["adaptive"])
+        for d in adaptive
+    }
+    assert all(adaptive[d]["attack_success_rate"] >= best_plain[d] for d in adaptive)
+    assert "one detector refitted per attack" in (out / "report.md").read_text()
+    err = capsys.readouterr().err
+    assert "ma-kd-bu-fgsm-2-non-adaptive: ASR" in err and "li-zhu-mgm: done in" in err

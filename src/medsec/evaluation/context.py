@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import re
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -113,6 +115,19 @@ def make_row(
     return _jsonable(row)
 
 
+def _headline(result: dict[str, Any]) -> str:
+    """'ASR 0.950, AUC 0.610, ' from a cell's row, if it has one."""
+    row = result.get("row") if isinstance(result, dict) else None
+    if not isinstance(row, dict):
+        return ""
+    parts = [
+        f"{label} {row[k]:.3f}"
+        for k, label in (("attack_success_rate", "ASR"), ("detection_auc", "AUC"))
+        if isinstance(row.get(k), float | int)
+    ]
+    return ", ".join(parts) + (", " if parts else "")
+
+
 def _jsonable(obj: Any) -> Any:
     """Replace NaN/inf by None and numpy scalars by Python ones so JSON stays standard."""
     if isinstance(obj, dict):
@@ -169,9 +184,18 @@ class StudyContext:
                     return stored["result"]
             except (json.JSONDecodeError, KeyError):
                 pass  # a damaged cell is recomputed
+        t0 = time.perf_counter()
         result = _jsonable(compute())
         atomic_write_json(path, {"key": json.loads(blob), "result": result})
+        self.log(f"{name}: {_headline(result)}{time.perf_counter() - t0:.1f} s")
         return result
+
+    def log(self, line: str) -> None:
+        """One line of progress (kept clear of progress bars; silent when progress is off)."""
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stderr)
 
     def artifact(self, name: str) -> Path:
         """Path for a cached artefact (a trained defence, adversarial images) in OUT/artifacts."""

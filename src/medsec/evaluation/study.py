@@ -112,6 +112,7 @@ def reproduce(
     timings: dict[str, float] = {}
     for name in names:
         t0 = time.perf_counter()
+        ctx.log(f"{name}: starting")
         if name == GATE:
             from medsec.evaluation.gate import run_gate
 
@@ -119,6 +120,7 @@ def reproduce(
         else:
             rows += get_defence(name).run(ctx)
         timings[name] = time.perf_counter() - t0
+        ctx.log(f"{name}: done in {timings[name]:.0f} s ({len(names)} entries in all)")
     from medsec.evaluation.report import write_report
 
     record = {

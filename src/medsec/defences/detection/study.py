@@ -18,6 +18,7 @@ victim), ``tpr_at_5fpr`` (share of those flagged at the fixed threshold), ``clea
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import time
@@ -45,7 +46,7 @@ from medsec.defences.detection.adaptive import (
     lambda_ladder_attack,
     surrogate_hinge,
 )
-from medsec.defences.detection.base import Detector, FlagAll
+from medsec.defences.detection.base import CharacteristicDetector, Detector, FlagAll
 from medsec.defences.detection.deepfeat import DeepFeatureDetector
 from medsec.defences.detection.kd_bu import KDBUDetector
 from medsec.defences.detection.lid import LIDDetector
@@ -97,6 +98,8 @@ class Built:
     terms: list[tuple[float, LossTerm]]
     terms_desc: str
     aim: float = float("nan")  # the attacker's criterion: score below this (set by build)
+    # Ma et al.'s protocol: a detector refitted on ONE attack's quarter of the fit set
+    per_attack: Callable[[int], Detector] | None = None
 
 
 def _eps_values(ctx: StudyContext) -> list[float]:
@@ -223,18 +226,21 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
     if name == "ma-kd-bu":
         kd = KDBUDetector(victim)
         kd.fit_density(x_ref, y_ref)
-        info = kd.fit_head(kd.characteristics_of(clean), kd.characteristics_of(adv))
+        c_clean, c_adv = kd.characteristics_of(clean), kd.characteristics_of(adv)
+        info = kd.fit_head(c_clean, c_adv)
         kd.set_threshold(x_val)
         return Built(
             kd,
             info,
             [(1.0, detector_hinge(kd, _hinge(kd, x_val)))],
             "LR(target-class KD, BU over 50 fresh dropout masks per step = EOT), hinged",
+            per_attack=_refit_head(kd, c_clean, c_adv),
         )
     if name == "ma-lid":
         lid = LIDDetector(victim)
         lid.fit_reference(x_ref, ctx.seed)
-        info = lid.fit_head(lid.characteristics_of(clean), lid.characteristics_of(adv))
+        c_clean, c_adv = lid.characteristics_of(clean), lid.characteristics_of(adv)
+        info = lid.fit_head(c_clean, c_adv)
         lid.set_threshold(x_val)
         gmms = _gmms(ctx, lid, tuple(victim.feature_names))
         return Built(
@@ -243,6 +249,7 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
             [(1.0, detector_hinge(lid, _hinge(lid, x_val))), (1.0, gmm_matching(gmms))],
             "LR(batch-LID of every layer) differentiated directly + per-layer GMM "
             "feature matching (HFC), both hinged",
+            per_attack=_refit_head(lid, c_clean, c_adv),
         )
     if name == "ma-deepfeat":
         rf = DeepFeatureDetector(victim, seed=ctx.seed)
@@ -264,38 +271,63 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
             ],
             "MLP surrogate of the forest (same features) + per-layer GMM feature "
             "matching (HFC), both hinged",
+            per_attack=lambda i: _refit(
+                rf, lambda d: d.fit(clean[_quarter(i, len(clean))], adv[_quarter(i, len(clean))])
+            ),
         )
     raise MedsecError(f"unknown detector {name!r}")
+
+
+def _quarter(i: int, n: int) -> Tensor:
+    """Indices of the fit set's quarter attacked by ``ATTACKS[i]`` (see _fit_adversarial)."""
+    return torch.arange(n).chunk(len(ATTACKS))[i]
+
+
+def _refit(det: Detector, fit: Callable[[Detector], Any]) -> Detector:
+    """A shallow copy of ``det`` refitted by ``fit`` (the deployed detector is untouched)."""
+    other = copy.copy(det)
+    fit(other)
+    return other
+
+
+def _refit_head(
+    det: CharacteristicDetector, c_clean: Tensor, c_adv: Tensor
+) -> Callable[[int], Detector]:
+    def refit(i: int) -> Detector:
+        q = _quarter(i, len(c_clean))
+        return _refit(det, lambda d: d.fit_head(c_clean[q], c_adv[q]))
+
+    return refit
+
+
+def _auc(s_clean: np.ndarray, s_adv: np.ndarray) -> float | None:
+    """ROC-AUC of clean (0) vs adversarial (1) scores; None without adversarial images."""
+    from sklearn.metrics import roc_auc_score
+
+    if len(s_adv) == 0:
+        return None
+    labels = np.r_[np.zeros(len(s_clean)), np.ones(len(s_adv))]
+    return float(roc_auc_score(labels, np.r_[s_clean, s_adv]))
 
 
 def _evaluate(
     ctx: StudyContext, det: Detector, x: Tensor, y: Tensor, x_adv: Tensor
 ) -> dict[str, Any]:
     """Joint success (one Criterion), detection AUC / TPR on fooling examples, clean FPR."""
-    from sklearn.metrics import roc_auc_score
-
     xd, yd = x_adv.to(ctx.device), y.to(ctx.device)
     joint = Criterion(ctx.victim, yd, detector=det)(xd).cpu()
     fooled = Criterion(ctx.victim, yd)(xd).cpu()
     s_clean, s_adv = det.score(x).numpy(), det.score(x_adv).numpy()
     thr = det.threshold
     hit = s_adv[fooled.numpy()]
-    auc = (
-        float(roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(hit))], np.r_[s_clean, hit]))
-        if len(hit)
-        else None
-    )
-    auc_all = float(
-        roc_auc_score(np.r_[np.zeros(len(s_clean)), np.ones(len(s_adv))], np.r_[s_clean, s_adv])
-    )
     return {
         "metrics": {
             "attack_success_rate": float(joint.float().mean()),
-            "detection_auc": auc,
+            "detection_auc": _auc(s_clean, hit),
             "tpr_at_5fpr": float((hit > thr).mean()) if len(hit) else None,
             "clean_fpr": float((s_clean > thr).mean()),
             "victim_fooled_rate": float(fooled.float().mean()),
-            "detection_auc_all_adversarial": auc_all,
+            "detection_auc_all_adversarial": _auc(s_clean, s_adv),
             "threshold": thr,
         },
         "success": joint,
@@ -326,6 +358,14 @@ def run_detector(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
                 b = get(eps)
                 x_adv, spec, seconds = _nonadaptive(ctx, attack, eps)
                 ev = _evaluate(ctx, b.detector, x, y, x_adv)
+                ev["metrics"]["detection_auc_per_attack_fit"] = (
+                    None
+                    if b.per_attack is None
+                    else _auc(
+                        (d := b.per_attack(ATTACKS.index(attack))).score(x).numpy(),
+                        d.score(x_adv).numpy()[np.asarray(ev["fooled"], bool)],
+                    )
+                )
                 row = make_row(
                     defence=name,
                     family=FAMILY,
@@ -348,6 +388,7 @@ def run_detector(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
                 "what": "non-adaptive",
                 "n": len(x),
                 "n_fit": N_FIT,
+                "also": "per-attack-fit auc",
             }
             results[(attack, eps)] = ctx.cell(key, compute)
             rows.append(results[(attack, eps)]["row"])
@@ -553,6 +594,15 @@ def _report(
         ),
         defence=name,
     )
+    per_attack = [results[(a, top)]["row"].get("detection_auc_per_attack_fit") for a in ATTACKS]
+    if all(v is not None for v in per_attack):
+        ctx.add_check(
+            f"non-adaptive detection AUC >= 0.9 at {_e(top)}/255, one detector per attack "
+            "(Ma et al.'s protocol)",
+            min(per_attack) >= 0.9,
+            ", ".join(f"{a}: {v:.3f}" for a, v in zip(ATTACKS, per_attack, strict=True)),
+            defence=name,
+        )
     ad = results[("adaptive", top)]["row"]
     ctx.add_check(
         f"target: adaptive joint ASR >= 0.9 at {_e(top)}/255",

@@ -47,7 +47,7 @@ from medsec.defences.robust.common import RobustTrainConfig, load_or_train
 from medsec.defences.robust.dae import DAEClassifier, DenoisingAutoEncoder, train_dae
 from medsec.defences.robust.kmm import KMMNet, train_kmm
 from medsec.defences.robust.medrdf import MedRDF, MedRDFAttackView
-from medsec.defences.robust.pgd_at import TRAIN_EPS, train_pgd_at
+from medsec.defences.robust.pgd_at import RAMP, TRAIN_EPS, TRAIN_STEPS, train_pgd_at
 from medsec.defences.robust.ssat import train_ssat
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.models.architectures import SmallCNN
@@ -94,11 +94,21 @@ def _trained(
     model: nn.Module,
     cfg: RobustTrainConfig,
     train: Callable[[], dict[str, Any]],
+    settings: str = "",
 ) -> dict[str, Any]:
+    """Train once; the file name holds data, victim, config and the defence's own
+    ``settings``, and becomes the record's ``artifact`` (cells are keyed on it)."""
     tag = f"{ctx.data.content_hash[:10]}-{ctx.victim_meta.get('sha256', '')[:10]}"
     cfg_tag = "-".join(f"{v}" for v in cfg.record().values())
-    path = ctx.artifact(f"robust/{name}-{tag}-{cfg_tag}.pt")
-    return load_or_train(path, model, train)
+    path = ctx.artifact(f"robust/{name}-{tag}-{cfg_tag}{settings}.pt")
+    return load_or_train(path, model, train) | {"artifact": path.name}
+
+
+def _train_id(dep: Deployed) -> Any:
+    """What identifies the trained defence in cell keys (never volatile fields like time)."""
+    return dep.train_record.get("artifact") or {
+        k: v for k, v in dep.train_record.items() if k not in ("cached", "train_seconds")
+    }
 
 
 def _config(ctx: StudyContext, epochs: int, lr: float) -> RobustTrainConfig:
@@ -170,9 +180,14 @@ def build_medrdf(ctx: StudyContext) -> Deployed:
 
 def build_pgd_at(ctx: StudyContext) -> Deployed:
     model = copy.deepcopy(ctx.victim).to(ctx.device)
-    cfg = _config(ctx, epochs=3, lr=1e-3)
+    cfg = _config(ctx, epochs=6, lr=5e-4)
     rec = _trained(
-        ctx, "pgd-at", model, cfg, lambda: train_pgd_at(model, ctx.data, cfg, device=ctx.device)
+        ctx,
+        "pgd-at",
+        model,
+        cfg,
+        lambda: train_pgd_at(model, ctx.data, cfg, device=ctx.device),
+        settings=f"-eps{TRAIN_EPS * 255:g}-k{TRAIN_STEPS}-ramp{RAMP}",
     )
     attacks = [preset("pgd-20", e) for e in ctx.profile.eps]
     dep = Deployed("pgd-at", model.eval(), model, False, attacks, rec)
@@ -290,7 +305,7 @@ def _attack_cell(
         }
 
     key = {"defence": dep.name, "what": what, "n": len(x), **_spec_key(spec)}
-    key.update(train=dep.train_record.get("config"), eot=dep.eot, repeats=dep.repeats)
+    key.update(train=_train_id(dep), eot=dep.eot, repeats=dep.repeats)
     return ctx.cell(key, compute)
 
 
@@ -463,7 +478,7 @@ def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
     if dep.reseed is not None:
         dep.reseed(ctx.seed)
     clean = ctx.cell(
-        {"defence": dep.name, "what": "clean", "train": dep.train_record.get("config")},
+        {"defence": dep.name, "what": "clean", "train": _train_id(dep)},
         lambda: {"accuracy": ctx.clean_accuracy(dep.pipeline)},
     )["accuracy"]
     victim_clean = ctx.clean_accuracy(ctx.victim)
@@ -602,6 +617,15 @@ def _checks_and_notes(
             else f"did NOT show the claimed gain (largest ASR drop vs the undefended victim "
             f"{best_gain:.3f} at {best_at}/255, below {GAIN_MIN})."
         ),
+    )
+    labels = np.asarray(ctx.data.test.labels)
+    majority = float(np.bincount(labels).max() / len(labels))
+    ctx.add_check(
+        f"{name}: a working classifier (clean accuracy >= majority-class rate + 0.1)",
+        clean >= majority + 0.1,
+        f"clean accuracy {clean:.3f}, majority-class rate {majority:.3f}; below it the "
+        "pipeline is (near) constant and a low ASR says nothing about robustness",
+        defence=name,
     )
     eps4 = min(adaptive, key=lambda e: abs(e - TARGET_EPS))
     a4 = adaptive[eps4]
