@@ -45,7 +45,8 @@ def plot_asr_vs_eps(
     save(fig, path)
 
 
-def _show(ax: plt.Axes, img: np.ndarray) -> None:
+def show_image(ax: plt.Axes, img: np.ndarray) -> None:
+    """A (C, H, W) image in [0, 1] on ``ax``: grey or RGB, clipped, no ticks."""
     if img.shape[0] == 1:
         ax.imshow(img[0], cmap="gray", vmin=0, vmax=1)
     else:
@@ -67,16 +68,16 @@ def plot_examples(
     cols = 1 + 2 * len(panels)
     fig, axes = plt.subplots(n, cols, figsize=(1.7 * cols, 1.8 * n), squeeze=False)
     for i in range(n):
-        _show(axes[i, 0], x[i].numpy())
+        show_image(axes[i, 0], x[i].numpy())
         axes[i, 0].set_title(f"clean: {class_names[int(y[i])]}", fontsize=7)
         for j, (eps, adv, pred) in enumerate(panels):
             delta = (adv[i] - x[i]).numpy()
-            _show(axes[i, 1 + 2 * j], adv[i].numpy())
+            show_image(axes[i, 1 + 2 * j], adv[i].numpy())
             axes[i, 1 + 2 * j].set_title(
                 f"{eps * 255:g}/255: {class_names[int(pred[i])]}", fontsize=7
             )
             scale = max(float(np.abs(delta).max()), 1e-8)
-            _show(axes[i, 2 + 2 * j], 0.5 + 0.5 * delta / scale)
+            show_image(axes[i, 2 + 2 * j], 0.5 + 0.5 * delta / scale)
             axes[i, 2 + 2 * j].set_title(f"perturbation x{0.5 / scale:.0f}", fontsize=7)
     save(fig, path)
 
@@ -92,6 +93,6 @@ def plot_grid(
         ax.axis("off")
     for i in range(n):
         ax = axes.flat[i]
-        _show(ax, images[i])
+        show_image(ax, images[i])
         ax.set_title(class_names[int(labels[i])], fontsize=8)
     save(fig, path)

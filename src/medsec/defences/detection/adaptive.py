@@ -195,7 +195,8 @@ class Surrogate(nn.Module):
         torch.manual_seed(seed)
         x = torch.cat([clean, adversarial]).float()
         y = torch.cat([torch.zeros(len(clean)), torch.ones(len(adversarial))])
-        self.mu_, self.sd_ = x.mean(0), x.std(0).clamp_min(1e-6)
+        self.register_buffer("mu_", x.mean(0))
+        self.register_buffer("sd_", x.std(0).clamp_min(1e-6))
         opt = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
         xs = (x - self.mu_) / self.sd_
         for _ in range(epochs):
@@ -208,8 +209,9 @@ class Surrogate(nn.Module):
             return float(((self.net(xs)[:, 0] > 0).float() == y).float().mean())
 
     def score(self, feats: Features) -> Tensor:
-        f = pooled(feats[self.layer])
-        return self.net((f - self.mu_.to(f.device)) / self.sd_.to(f.device))[:, 0]
+        """Surrogate score, computed on the surrogate's device (``.to(device)`` it first)."""
+        f = pooled(feats[self.layer]).to(self.mu_.device)
+        return self.net((f - self.mu_) / self.sd_)[:, 0]
 
 
 def surrogate_hinge(surrogate: Surrogate, hinge: Hinge) -> LossTerm:

@@ -54,6 +54,7 @@ from medsec.defences.detection.mgm import GaussianDetector
 from medsec.errors import MedsecError
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.figures import save as save_figure
+from medsec.evaluation.figures import show_image
 from medsec.utils import atomic_write_bytes
 
 FAMILY = "detection"
@@ -261,6 +262,7 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
         info["surrogate_train_accuracy"] = sur.fit(f_clean, f_adv, seed=ctx.seed)
         with torch.no_grad():
             s_val = sur.score(rf.extract(x_val)[1]).numpy()
+        sur.to(ctx.device)  # the attacker's features live there
         gmms = _gmms(ctx, rf, tuple(victim.feature_names))
         return Built(
             rf,
@@ -535,9 +537,8 @@ def _report(
             for r, (img, title) in enumerate(
                 ((clean, "clean"), (xa, "adaptive adv."), (diff, "perturbation"))
             ):
-                axes[r, j].imshow(np.moveaxis(img, 0, -1).squeeze(), cmap="gray", vmin=0, vmax=1)
+                show_image(axes[r, j], img)
                 axes[r, j].set_title(title, fontsize=8)
-                axes[r, j].axis("off")
         fig.suptitle(f"{name}: misclassified and not flagged (eps {_e(top)}/255)", fontsize=9)
         fig.tight_layout()
         path = ctx.figure_path(f"detection-{name}-evading.png")

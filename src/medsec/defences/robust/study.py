@@ -199,11 +199,12 @@ def build_pgd_at(ctx: StudyContext) -> Deployed:
 def _success(dep: Deployed, x_adv: Tensor, y: Tensor, seed: int, batch: int) -> Tensor:
     """(repeats, N) success re-predicted through the deployed pipeline (fresh noise each)."""
     out = []
+    device = next(dep.pipeline.parameters()).device
     for r in range(dep.repeats):
         if dep.reseed is not None:
             dep.reseed(seed + 7919 * (r + 1))
         ok = [
-            Criterion(dep.pipeline, y[s : s + batch])(x_adv[s : s + batch])
+            Criterion(dep.pipeline, y[s : s + batch].to(device))(x_adv[s : s + batch].to(device))
             for s in range(0, len(x_adv), batch)
         ]
         out.append(torch.cat(ok).cpu())
