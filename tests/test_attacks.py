@@ -215,3 +215,22 @@ def test_spec_validation_and_record():
     assert rec["alpha"] == pytest.approx(2.5 * 4 / 255 / 20)
     assert rec["kappa"] is None and rec["steps"] == 20
     assert math.isinf(preset("cw-linf", 0.1).kappa)
+
+
+def test_restart_step_factors_change_the_step_per_restart(trained, blob_data):
+    """Restart r steps with factor r (cycled); a tiny first step fails, the second restart's
+    full-eps step then does what FGSM does, and only on the failures."""
+    spec = AttackSpec("s", 8 / 255, steps=10, restarts=3, restart_step_factors=(2.5, 50.0))
+    assert [spec.alpha_for(r) * 255 * 10 / 8 for r in range(3)] == pytest.approx([2.5, 50, 2.5])
+    assert spec.record()["restart_step_factors"] == (2.5, 50.0)
+    with pytest.raises(MedsecError):
+        AttackSpec("s", 0.1, restart_step_factors=(1.0, 0.0))
+    model, _ = trained
+    x, y = _xy(blob_data)
+    one = dict(steps=1, random_start=False, early_stop=False)
+    tiny = run_attack(model, x, y, AttackSpec("t", 8 / 255, step_factor=0.01, **one))
+    both = AttackSpec("b", 8 / 255, restarts=2, restart_step_factors=(0.01, 1.0), **one)
+    fgsm = run_attack(model, x, y, preset("fgsm", 8 / 255))
+    res = run_attack(model, x, y, both)
+    assert tiny.success.float().mean() < 0.5 * fgsm.success.float().mean()
+    assert torch.equal(res.success, tiny.success | fgsm.success)

@@ -35,7 +35,10 @@ ObjectiveFn = Callable[[Tensor, Tensor], Tensor]
 class AttackSpec:
     """Settings of one attack run; eps and step size are in [0,1] pixel units.
 
-    ``step_size`` None means ``step_factor * eps / steps``.
+    ``step_size`` None means ``step_factor * eps / steps``. ``restart_step_factors``, if
+    given, replaces ``step_factor`` per restart (cycled): small steps refine, large ones hop
+    across a rugged or flat loss surface where small steps stall (measured on PGD-AT:
+    50 steps at factor 2.5 -> 29% ASR at 4/255, at factor 50 -> 86%).
     """
 
     name: str
@@ -51,6 +54,7 @@ class AttackSpec:
     targeted: bool = False
     eot_samples: int = 1
     early_stop: bool = True
+    restart_step_factors: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -59,14 +63,20 @@ class AttackSpec:
             raise MedsecError(f"eps must be a finite number >= 0, got {self.eps}")
         if self.steps < 1 or self.restarts < 1 or self.eot_samples < 1:
             raise MedsecError("steps, restarts and eot_samples must all be >= 1")
+        if any(not (f > 0 and math.isfinite(f)) for f in self.restart_step_factors):
+            raise MedsecError(f"step factors must be finite and > 0: {self.restart_step_factors}")
 
     @property
     def alpha(self) -> float:
-        return (
-            self.step_size
-            if self.step_size is not None
-            else (self.step_factor * self.eps / self.steps)
-        )
+        """Step size of the first restart."""
+        return self.alpha_for(0)
+
+    def alpha_for(self, restart: int) -> float:
+        """Step size of restart ``restart`` (0-based)."""
+        if self.step_size is not None:
+            return self.step_size
+        factors = self.restart_step_factors or (self.step_factor,)
+        return factors[restart % len(factors)] * self.eps / self.steps
 
     def record(self) -> dict[str, Any]:
         """Everything needed to rerun it, for result files (inf written as a string)."""
@@ -139,7 +149,12 @@ def _bounds(x0: Tensor, spec: AttackSpec) -> tuple[Tensor, Tensor] | None:
 
 
 def _step(
-    xa: Tensor, x0: Tensor, grad: Tensor, spec: AttackSpec, box: tuple[Tensor, Tensor] | None
+    xa: Tensor,
+    x0: Tensor,
+    grad: Tensor,
+    spec: AttackSpec,
+    box: tuple[Tensor, Tensor] | None,
+    alpha: float,
 ) -> Tensor:
     """One ascent step, projected onto the eps-ball around ``x0`` and onto [0, 1].
 
@@ -147,10 +162,10 @@ def _step(
     and then to [0, 1]); L2: a unit-direction step, ball projection, then [0, 1].
     """
     if box is not None:
-        return torch.add(xa, grad.sign(), alpha=spec.alpha).clamp_(*box)
+        return torch.add(xa, grad.sign(), alpha=alpha).clamp_(*box)
     shape = (-1, *[1] * (grad.ndim - 1))
     gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    delta = xa - x0 + spec.alpha * grad / gnorm
+    delta = xa - x0 + alpha * grad / gnorm
     dnorm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
     return (x0 + delta * (spec.eps / dnorm).clamp(max=1.0)).clamp_(0, 1)
 
@@ -182,6 +197,7 @@ def pgd(
         x0 = x[idx]
         xa = (x0 + _random_start(x0, spec, generator)).clamp_(0, 1)
         box = _bounds(x0, spec)
+        alpha = spec.alpha_for(restart)
         for t in range(spec.steps):
             xa.requires_grad_(True)
             value = objective(xa, idx)
@@ -198,7 +214,7 @@ def pgd(
             if not torch.isfinite(grad.sum()):  # one read; rewrite only if NaN/inf present
                 grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             with torch.no_grad():
-                xa = _step(xa.detach(), x0, grad, spec, box)
+                xa = _step(xa.detach(), x0, grad, spec, box, alpha)
                 last = t == spec.steps - 1
                 if last or (t + 1) % check_every == 0:
                     ok = criterion(xa, idx)

@@ -60,10 +60,11 @@ TOLERANCE = 0.05  # convergence / step-size tolerance (absolute ASR)
 N_CAP = 200  # attacked images per defence (CPU budget), MedRDF half of it
 N_DIAG = 48  # images for the step-size sweep, the long run and the fixtures
 STEPS = 50
-RESTARTS = 2
+STEP_FACTORS = (2.5, 10.0, 50.0)  # one per restart: alpha = factor * eps / STEPS
+RESTARTS = len(STEP_FACTORS)
 EOT_SAMPLES = 10
 REPEATS = 5  # evaluations of a randomised pipeline's success
-SWEEP = (0.5, 1.0, 2.5, 5.0)
+SWEEP = (0.5, 1.0, 2.5, 10.0, 50.0)
 SSAT_PAPER_EPS = (0.001, 0.002, 0.003)
 
 
@@ -234,6 +235,7 @@ def _adaptive_spec(dep: Deployed, eps: float, **over: Any) -> AttackSpec:
     kw: dict[str, Any] = {
         "steps": STEPS,
         "restarts": RESTARTS,
+        "restart_step_factors": STEP_FACTORS,
         "loss": "margin",
         "eot_samples": dep.eot,
     }
@@ -411,7 +413,7 @@ def _diagnostics(
         f"{f:g}": _attack_cell(
             ctx,
             dep,
-            _adaptive_spec(dep, TARGET_EPS, restarts=1, step_factor=f),
+            _adaptive_spec(dep, TARGET_EPS, restarts=1, restart_step_factors=(f,)),
             xd,
             yd,
             idd,
@@ -458,7 +460,9 @@ THREAT_MODEL = (
     "weights, every preprocessing step and the defence's randomness (MedRDF's noise "
     "distribution and vote count, not the draws) and changes the pixels of the stored image "
     "within an L-inf ball, eps in [0,1] pixel units. Adaptive attack = the engine's PGD with "
-    f"the margin loss, {STEPS} steps x {RESTARTS} restarts (alpha = 2.5 eps / steps), through "
+    f"the margin loss, {STEPS} steps x {RESTARTS} restarts (alpha = f x eps / steps, f = "
+    f"{', '.join(f'{f:g}' for f in STEP_FACTORS)} in turn: restarts attack only the failures; "
+    "large steps beat a rugged loss surface where small ones stall), through "
     f"the whole deployed pipeline; MedRDF: EOT over {EOT_SAMPLES} noise draws with BPDA (soft "
     f"vote backward) around the vote, success re-predicted with the deployed vote {REPEATS} "
     "times (mean +- std). Images attacked per defence: the first "
@@ -530,7 +534,14 @@ def _evaluate(ctx: StudyContext, dep: Deployed) -> list[dict[str, Any]]:
         worst_asr = float(worst.mean())
         ref = _reference_cell(
             ctx,
-            AttackSpec("adaptive-margin", eps, steps=STEPS, restarts=RESTARTS, loss="margin"),
+            AttackSpec(
+                "adaptive-margin",
+                eps,
+                steps=STEPS,
+                restarts=RESTARTS,
+                restart_step_factors=STEP_FACTORS,
+                loss="margin",
+            ),
             n,
             "adaptive",
         )
@@ -700,9 +711,12 @@ def _diagnostic_checks(ctx: StudyContext, dep: Deployed, d: dict[str, Any]) -> N
     )
     best = max(d["sweep"].values())
     ctx.add_check(
-        f"{name}: step-size sweep (default 2.5 within {TOLERANCE} of the best)",
-        d["sweep"]["2.5"] >= best - TOLERANCE,
-        "ASR by step factor: " + ", ".join(f"{k}: {v:.3f}" for k, v in d["sweep"].items()),
+        f"{name}: step-size sweep (the attack, one restart per factor "
+        f"{'/'.join(f'{f:g}' for f in STEP_FACTORS)}, within {TOLERANCE} of the best single "
+        "factor)",
+        d["main_asr_subset"] >= best - TOLERANCE,
+        f"attack {d['main_asr_subset']:.3f}; one restart at step factor "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in d["sweep"].items()),
         defence=name,
     )
     ctx.add_check(
