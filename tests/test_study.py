@@ -104,6 +104,10 @@ def test_outputs_and_metrics_contract(finished):
     assert "data:image/png;base64," in html and "src='figures/" not in html
     md = (finished / "report.md").read_text()
     assert "Sanity checks" in md and "Signature gate" in md
+    gate = md.split("## Signature gate")[1].split("\n## ")[0]
+    assert "signed at acquisition" in gate  # the gate's own note, in its own section
+    undefended = md.split("## Undefended victim")[1].split("\n## ")[0]
+    assert "asr_vs_eps_none.png" in undefended and "examples_none.png" in undefended
     for fig in m["figures"]:
         assert (finished / fig["path"]).stat().st_size > 1000
 
@@ -214,6 +218,11 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
         for d in adaptive
     }
     assert all(adaptive[d]["attack_success_rate"] >= best_plain[d] for d in adaptive)
-    assert "one detector refitted per attack" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "one detector refitted per attack" in md
+    # each family's notes and figures appear in its own section of the report
+    detection = md.split("## Detection defences")[1].split("\n## ")[0]
+    assert "smallest eps at which the adaptive joint ASR" in detection
+    assert "detection-ma-kd-bu-roc.png" in detection
     err = capsys.readouterr().err
     assert "ma-kd-bu-fgsm-2-non-adaptive: ASR" in err and "li-zhu-mgm: done in" in err

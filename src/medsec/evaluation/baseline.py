@@ -18,6 +18,8 @@ GRID_ATTACKS = ("fgsm", "bim", "pgd-20", "pgd-100", "cw-linf")
 STEPS_TOLERANCE = 0.03  # |ASR(PGD-100) - ASR(PGD-20)| and restarts: "changes little"
 UNBOUNDED_EPS = 1.0  # the whole [0,1] range: any image is reachable
 
+FAMILY = "none"
+
 
 def attack_cell(
     ctx: StudyContext, spec: AttackSpec, *, defence: str = "none", what: str = "grid"
@@ -59,7 +61,7 @@ def attack_cell(
     return ctx.cell(key, compute)
 
 
-@register_defence("none", "none", "undefended victim: the attack grid and its sanity checks")
+@register_defence("none", FAMILY, "undefended victim: the attack grid and its sanity checks")
 def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
     """Attack grid (FGSM, BIM, PGD-20, PGD-100, CW-L-inf x eps) plus sanity checks."""
     clean_acc = float(ctx.victim_meta["metrics"]["clean_accuracy"])
@@ -72,7 +74,7 @@ def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
         rows.append(
             make_row(
                 defence="none",
-                family="none",
+                family=FAMILY,
                 attack=spec.name,
                 adaptive=False,
                 eps=spec.eps,
@@ -88,7 +90,7 @@ def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
         rows.append(
             make_row(
                 defence="none",
-                family="none",
+                family=FAMILY,
                 attack="worst-case",
                 adaptive=False,
                 eps=eps,
@@ -109,7 +111,7 @@ def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
         path,
         "Attack success rate of each attack against the undefended victim as "
         "the L-inf budget grows (eps in /255 of the [0,1] pixel range).",
-        "Undefended victim",
+        FAMILY,
     )
     _examples_figure(ctx)
     return rows
@@ -237,5 +239,5 @@ def _examples_figure(ctx: StudyContext) -> None:
         "Clean test images, PGD-20 adversarial versions at three budgets, and "
         "the perturbation amplified to the full range; titles give the victim's "
         "prediction.",
-        "Undefended victim",
+        FAMILY,
     )

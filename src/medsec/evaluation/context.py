@@ -296,8 +296,11 @@ class StudyContext:
         return path
 
     def add_figure(self, path: Path, caption: str, section: str) -> None:
+        """A figure for the report, under ``section`` = a row family ("none", "detection",
+        "robustification", "integrity")."""
         self.figures.append(Figure(str(path.relative_to(self.out)), caption, section))
 
     def add_note(self, section: str, text: str) -> None:
-        """A paragraph for the report (threat model, assumptions, what did not work)."""
+        """A paragraph for the report (threat model, assumptions, what did not work), under
+        ``section`` = a row family, as for figures."""
         self.notes.setdefault(section, []).append(text)

@@ -37,6 +37,8 @@ RESIDUAL_THREATS = (
     "per-device keys, certificates, revocation - is the real cost of this defence."
 )
 
+FAMILY = "integrity"
+
 
 def _quantise(image: np.ndarray) -> np.ndarray:
     """The 8-bit values an image is stored as (the same rounding as image_to_dicom)."""
@@ -117,7 +119,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
         rows.append(
             make_row(
                 defence="signature-gate",
-                family="integrity",
+                family=FAMILY,
                 attack=path.stem,
                 adaptive=bool(meta.get("adaptive", False)),
                 eps=float(meta.get("eps") or 0.0),
@@ -150,7 +152,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
         defence="signature-gate",
     )
     ctx.add_note(
-        "Signature gate",
+        FAMILY,
         "Every test image used by an attack was signed at "
         "acquisition as an 8-bit DICOM Secondary Capture with a Creator RSA signature "
         "(SHA-256, DICOM PS3.15, verifiable with DCMTK's dcmsign). Each adversarial "

@@ -120,11 +120,10 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
                 blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
             blocks.append(("p", "True-positive rate at 5% false positives:"))
             blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
-    section = FAMILY_TITLES.get(family, family)
     for fig in ctx.figures:
-        if fig.section == section:
+        if fig.section == family:
             blocks.append(("figure", (fig.path, fig.caption)))
-    for text in ctx.notes.get(section, []):
+    for text in ctx.notes.get(family, []):
         blocks.append(("p", text))
     return blocks
 
