@@ -595,6 +595,10 @@ def _report(
         ),
         defence=name,
     )
+    for attack, auc in zip(ATTACKS, na_auc, strict=True):
+        if auc is not None and auc < 0.9:
+            why = _why_low_auc(ctx, results[(attack, top)], attack, top)
+            ctx.add_note(FAMILY, f"{name}: {why}")
     per_attack = [results[(a, top)]["row"].get("detection_auc_per_attack_fit") for a in ATTACKS]
     if all(v is not None for v in per_attack):
         ctx.add_check(
@@ -629,6 +633,41 @@ def _report(
             else f"not reached up to {_e(top)}/255 (ASR {asr[top]:.3f})."
         ),
     )
+
+
+def _why_low_auc(ctx: StudyContext, res: dict[str, Any], attack: str, eps: float) -> str:
+    """Detection AUC of the fooling images split at the median of the victim's confidence in
+    the wrong class: shows whether weakly fooling images are what the detector misses."""
+    x_adv = _nonadaptive(ctx, attack, eps)[0]
+    fooled = np.asarray(res["fooled"], bool)
+    with torch.no_grad():
+        conf = torch.cat(
+            [
+                torch.softmax(ctx.victim(x_adv[s : s + 250].to(ctx.device)), 1).amax(1).cpu()
+                for s in range(0, len(x_adv), 250)
+            ]
+        ).numpy()[fooled]
+    s_adv = np.asarray(res["adv_scores"])[fooled]
+    s_clean = np.asarray(res["clean_scores"])
+    low = conf < np.median(conf)
+    a_low, a_high = _auc(s_clean, s_adv[low]), _auc(s_clean, s_adv[~low])
+    return (
+        f"{attack} at {_e(eps)}/255 is detected with AUC {res['row']['detection_auc']:.3f} "
+        f"only. Split at the median confidence of the victim in the wrong class "
+        f"({np.median(conf):.4f}): AUC {_f(a_low)} for the less confident half, {_f(a_high)} "
+        "for the more confident half. "
+        + (
+            "Images that only just cross the decision boundary (as a single step leaves "
+            "them) move the deep features less and are harder to detect; iterative attacks, "
+            "run to the end as in the papers, push deep into the wrong class."
+            if a_low is not None and a_high is not None and a_low < a_high
+            else "Weakly fooling images are not the reason here."
+        )
+    )
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 ENTRIES = {
