@@ -54,13 +54,13 @@ def write_blob_folder(root):
     return root
 
 
-def run_tiny_study(out, data):
+def run_tiny_study(out, data, defences="none,signature-gate", progress=False):
     study.reproduce(
         out,
         dataset=f"folder:{data}",
-        defences="none,signature-gate",
+        defences=defences,
         device=torch.device("cpu"),
-        progress=False,
+        progress=progress,
         profile=TINY,
     )
 
@@ -190,14 +190,7 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     the report's tables and one progress line per computed cell."""
     _, data = finished
     out = tmp_path / "det"
-    study.reproduce(
-        out,
-        dataset=f"folder:{data}",
-        defences="ma-kd-bu,li-zhu-mgm",
-        device=torch.device("cpu"),
-        progress=True,
-        profile=TINY,
-    )
+    run_tiny_study(out, data, defences="ma-kd-bu,li-zhu-mgm", progress=True)
     m = json.loads((out / "metrics.json").read_text())
     rows = [r for r in m["rows"] if r["family"] == "detection"]
     assert {(r["defence"], r["adaptive"]) for r in rows} == {
