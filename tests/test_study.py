@@ -219,3 +219,12 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     assert "detection-ma-kd-bu-roc.png" in detection
     err = capsys.readouterr().err
     assert "ma-kd-bu-fgsm-2-non-adaptive: ASR" in err and "li-zhu-mgm: done in" in err
+
+
+def test_progress_headline_of_a_cell():
+    from medsec.evaluation.context import _headline
+
+    assert _headline({"row": {"attack_success_rate": 0.5, "detection_auc": None}}) == "ASR 0.500, "
+    assert _headline({"asr": 0.25, "seconds": 1.0}) == "ASR 0.250, "
+    assert _headline({"accuracy": 0.9}) == "accuracy 0.900, "
+    assert _headline([1, 2]) == "" and _headline({"x": 1}) == ""

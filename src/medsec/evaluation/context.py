@@ -115,14 +115,19 @@ def make_row(
     return _jsonable(row)
 
 
-def _headline(result: dict[str, Any]) -> str:
-    """'ASR 0.950, AUC 0.610, ' from a cell's row, if it has one."""
-    row = result.get("row") if isinstance(result, dict) else None
-    if not isinstance(row, dict):
+def _headline(result: Any) -> str:
+    """'ASR 0.950, AUC 0.610, ' from a cell's row (or its own ``asr``), if it has one."""
+    if not isinstance(result, dict):
         return ""
+    row = result.get("row") if isinstance(result.get("row"), dict) else result
     parts = [
         f"{label} {row[k]:.3f}"
-        for k, label in (("attack_success_rate", "ASR"), ("detection_auc", "AUC"))
+        for k, label in (
+            ("attack_success_rate", "ASR"),
+            ("asr", "ASR"),
+            ("detection_auc", "AUC"),
+            ("accuracy", "accuracy"),
+        )
         if isinstance(row.get(k), float | int)
     ]
     return ", ".join(parts) + (", " if parts else "")
