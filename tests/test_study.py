@@ -215,8 +215,10 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     assert "one detector refitted per attack" in md
     # each family's notes and figures appear in its own section of the report
     detection = md.split("## Detection defences")[1].split("\n## ")[0]
-    assert "smallest eps at which the adaptive joint ASR" in detection
-    assert "detection-ma-kd-bu-roc.png" in detection
+    assert detection.index("Detection study:") < detection.index("### ma-kd-bu")  # general
+    kd_bu = detection.split("### ma-kd-bu")[1].split("### li-zhu-mgm")[0]  # its own notes
+    assert "ma-kd-bu: smallest eps at which the adaptive joint ASR" in kd_bu
+    assert "detection-ma-kd-bu-roc.png" in kd_bu and "li-zhu-mgm:" not in kd_bu
     err = capsys.readouterr().err
     assert "ma-kd-bu-fgsm-2-non-adaptive: ASR" in err and "li-zhu-mgm: done in" in err
 

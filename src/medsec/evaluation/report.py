@@ -63,6 +63,14 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
     by_def: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_def[r["defence"]].append(r)
+    notes = ctx.notes.get(family, [])
+    figures = [f for f in ctx.figures if f.section == family]
+
+    def owner(text: str) -> str | None:
+        """The defence a note or caption is about ('name: ...' / 'name (...'), if any."""
+        return next((n for n in by_def if text.startswith((f"{n}:", f"{n} ("))), None)
+
+    blocks += [("p", t) for t in notes if owner(t) is None]
     for name, drows in by_def.items():
         blocks.append(
             (
@@ -120,11 +128,9 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
                 blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
             blocks.append(("p", "True-positive rate at 5% false positives:"))
             blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
-    for fig in ctx.figures:
-        if fig.section == family:
-            blocks.append(("figure", (fig.path, fig.caption)))
-    for text in ctx.notes.get(family, []):
-        blocks.append(("p", text))
+        blocks += [("figure", (f.path, f.caption)) for f in figures if owner(f.caption) == name]
+        blocks += [("p", t) for t in notes if owner(t) == name]
+    blocks += [("figure", (f.path, f.caption)) for f in figures if owner(f.caption) is None]
     return blocks
 
 

@@ -654,7 +654,7 @@ def _why_low_auc(ctx: StudyContext, res: dict[str, Any], attack: str, eps: float
     return (
         f"{attack} at {_e(eps)}/255 is detected with AUC {res['row']['detection_auc']:.3f} "
         f"only. Split at the median confidence of the victim in the wrong class "
-        f"({np.median(conf):.4f}): AUC {_f(a_low)} for the less confident half, {_f(a_high)} "
+        f"({np.median(conf):.6g}): AUC {_f(a_low)} for the less confident half, {_f(a_high)} "
         "for the more confident half. "
         + (
             "Images that only just cross the decision boundary (as a single step leaves "
