@@ -104,6 +104,9 @@ def test_outputs_and_metrics_contract(finished):
     assert "data:image/png;base64," in html and "src='figures/" not in html
     md = (finished / "report.md").read_text()
     assert "Sanity checks" in md and "Signature gate" in md
+    head = md.split("## Setup")[0]  # the study at a glance: table and bar figure
+    assert "figures/summary.png" in head and (finished / "figures" / "summary.png").exists()
+    assert "| signature-gate | integrity |" in head and "adaptive 2/255" in head  # nearest 1 and 4
     gate = md.split("## Signature gate")[1].split("\n## ")[0]
     assert "signed at acquisition" in gate  # the gate's own note, in its own section
     undefended = md.split("## Undefended victim")[1].split("\n## ")[0]

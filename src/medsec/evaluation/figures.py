@@ -96,3 +96,30 @@ def plot_grid(
         show_image(ax, images[i])
         ax.set_title(class_names[int(labels[i])], fontsize=8)
     save(fig, path)
+
+
+def plot_headline(
+    path: Path,
+    labels: Sequence[str],
+    panels: Sequence[tuple[float, Sequence[float], Sequence[float]]],
+) -> None:
+    """The study in one picture: per entry, ASR of the paper's (non-adaptive) attack and of
+    the informed (adaptive) attacker; one panel per eps = (eps, before, after)."""
+    y = np.arange(len(labels))
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4 * len(panels) + 1.5, 0.42 * len(labels) + 1.3), sharey=True
+    )
+    for ax, (eps, before, after) in zip(np.atleast_1d(axes), panels, strict=True):
+        ax.barh(y - 0.2, before, height=0.4, color="#9db4d3", label="paper's attack")
+        ax.barh(y + 0.2, after, height=0.4, color="#c0392b", label="informed attacker")
+        for yi, v in zip(y + 0.2, after, strict=True):
+            ax.text(min(v, 1.0) + 0.01, yi, f"{v:.2f}", va="center", fontsize=7)
+        ax.set_xlim(0, 1.12)
+        ax.set_title(f"eps = {eps * 255:g}/255", fontsize=9)
+        ax.set_xlabel("attack success rate (detectors: joint)")
+        ax.grid(axis="x", alpha=0.3)
+    first = np.atleast_1d(axes)[0]
+    first.set_yticks(y, labels)
+    first.invert_yaxis()
+    first.legend(fontsize=7, loc="lower right")
+    save(fig, path)

@@ -165,6 +165,71 @@ def _summary(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+HEADLINE_EPS_255 = (1.0, 4.0)  # where the papers' claims live, and the issues' target
+
+
+def _headline(rows: list[dict[str, Any]], target: float) -> tuple[float, list[list[Any]]]:
+    """(eps nearest ``target`` /255, per entry [name, family, clean accuracy, best
+    non-adaptive ASR, best adaptive ASR or None]); the gate's ASR is fooled AND accepted."""
+    eps = {r["eps_255"] for r in rows if r["family"] != "integrity"}
+    e = min(eps, key=lambda v: abs(v - target)) if eps else target
+    out: dict[str, list[Any]] = {}
+    for r in rows:
+        gate = r["family"] == "integrity"
+        if not gate and r["eps_255"] != e:
+            continue
+        name = "signature-gate" if gate else r["defence"]
+        entry = out.setdefault(name, [name, r["family"], r["clean_accuracy"], None, None])
+        slot = 4 if gate or r["adaptive"] else 3
+        entry[slot] = max(entry[slot] or 0.0, r["attack_success_rate"])
+    return e, list(out.values())
+
+
+def _headline_blocks(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[Block]:
+    """The whole study at 1/255 and 4/255: one table and one bar figure."""
+    views = {}
+    for target in HEADLINE_EPS_255:
+        e, entries = _headline(rows, target)
+        views.setdefault(e, entries)
+    if not any(views.values()):
+        return []
+    names = [x[0] for x in next(iter(views.values()))]
+    header = ["entry", "family", "clean accuracy"]
+    for e in views:
+        header += [f"non-adaptive {e:g}/255", f"adaptive {e:g}/255"]
+    body = []
+    for i, name in enumerate(names):
+        first = next(iter(views.values()))[i]
+        line = [name, first[1], _fmt(first[2])]
+        for entries in views.values():
+            line += [_fmt(entries[i][3]), _fmt(entries[i][4])]
+        body.append(line)
+    from medsec.evaluation.figures import plot_headline
+
+    path = ctx.figure_path("summary.png")
+    plot_headline(
+        path,
+        names,
+        [
+            (
+                e / 255,
+                [x[3] or 0.0 for x in entries],
+                [x[4] if x[4] is not None else (x[3] or 0.0) for x in entries],
+            )
+            for e, entries in views.items()
+        ],
+    )
+    caption = (
+        "Attack success rate of each entry against the attack of its own paper (blue) and the "
+        "informed attacker (red); detectors: misclassified AND not flagged; the signature "
+        "gate: altered images that fool the victim AND are accepted, over every attack."
+    )
+    return [
+        ("table", {"header": header, "rows": body}),
+        ("figure", (str(path.relative_to(ctx.out)), caption)),
+    ]
+
+
 def build_blocks(
     ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str, Any]
 ) -> list[Block]:
@@ -173,6 +238,7 @@ def build_blocks(
     blocks: list[Block] = [
         ("h1", "medsec study report"),
         ("p", " ".join(_summary(ctx, rows))),
+        *_headline_blocks(ctx, rows),
         ("h2", "Setup"),
         (
             "p",
