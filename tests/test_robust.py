@@ -164,12 +164,12 @@ def test_kmm_starts_as_the_victim_and_reports_saturation(setup) -> None:
 def test_pgd_at_eps_ramps_up_over_the_training_steps(setup, monkeypatch) -> None:
     """PGD-AT's eps grows linearly to the training eps over RAMP of the steps it takes."""
     from medsec.defences.robust import pgd_at
-    from medsec.defences.robust.common import minibatches
+    from medsec.defences.robust.common import count_steps, minibatches
 
     data, victim, _, _ = setup
     cfg = RobustTrainConfig(epochs=2, batch_size=32, lr=1e-3, seed=0)
     taken = sum(1 for _ in minibatches(torch.zeros(300), torch.zeros(300), cfg))
-    assert pgd_at.total_steps(300, cfg) == taken
+    assert count_steps(300, cfg) == taken
     seen: list[float] = []
     real = pgd_at.run_attack
     monkeypatch.setattr(

@@ -168,9 +168,10 @@ def _summary(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[str]:
 HEADLINE_EPS_255 = (1.0, 4.0)  # where the papers' claims live, and the issues' target
 
 
-def _headline(rows: list[dict[str, Any]], target: float) -> tuple[float, list[list[Any]]]:
-    """(eps nearest ``target`` /255, per entry [name, family, clean accuracy, best
-    non-adaptive ASR, best adaptive ASR or None]); the gate's ASR is fooled AND accepted."""
+def _glance(rows: list[dict[str, Any]], target: float) -> tuple[float, dict[str, list[Any]]]:
+    """(eps nearest ``target`` /255, per entry name [family, clean accuracy, best
+    non-adaptive ASR, best adaptive ASR]; None where absent); the gate's ASR is fooled AND
+    accepted over every attack."""
     eps = {r["eps_255"] for r in rows if r["family"] != "integrity"}
     e = min(eps, key=lambda v: abs(v - target)) if eps else target
     out: dict[str, list[Any]] = {}
@@ -179,45 +180,49 @@ def _headline(rows: list[dict[str, Any]], target: float) -> tuple[float, list[li
         if not gate and r["eps_255"] != e:
             continue
         name = "signature-gate" if gate else r["defence"]
-        entry = out.setdefault(name, [name, r["family"], r["clean_accuracy"], None, None])
-        slot = 4 if gate or r["adaptive"] else 3
+        entry = out.setdefault(name, [r["family"], r["clean_accuracy"], None, None])
+        slot = 3 if gate or r["adaptive"] else 2
         entry[slot] = max(entry[slot] or 0.0, r["attack_success_rate"])
-    return e, list(out.values())
+    return e, out
+
+
+def _bars(view: dict[str, list[Any]], names: list[str]) -> tuple[list[float], list[float]]:
+    """(non-adaptive, adaptive) ASR per name for the figure; adaptive falls back to the
+    non-adaptive value where an entry has none (the undefended victim), missing -> 0."""
+    before = [(view[n][2] or 0.0) if n in view else 0.0 for n in names]
+    after = [
+        b if n not in view or view[n][3] is None else view[n][3]
+        for n, b in zip(names, before, strict=True)
+    ]
+    return before, after
 
 
 def _headline_blocks(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[Block]:
     """The whole study at 1/255 and 4/255: one table and one bar figure."""
-    views = {}
+    views: dict[float, dict[str, list[Any]]] = {}
     for target in HEADLINE_EPS_255:
-        e, entries = _headline(rows, target)
+        e, entries = _glance(rows, target)
         views.setdefault(e, entries)
-    if not any(views.values()):
+    first = next(iter(views.values()))
+    if not first:
         return []
-    names = [x[0] for x in next(iter(views.values()))]
+    names = list(first)
     header = ["entry", "family", "clean accuracy"]
     for e in views:
         header += [f"non-adaptive {e:g}/255", f"adaptive {e:g}/255"]
-    body = []
-    for i, name in enumerate(names):
-        first = next(iter(views.values()))[i]
-        line = [name, first[1], _fmt(first[2])]
-        for entries in views.values():
-            line += [_fmt(entries[i][3]), _fmt(entries[i][4])]
-        body.append(line)
+    none = [None] * 4
+    body = [
+        [name, first[name][0], _fmt(first[name][1])]
+        + [_fmt(v.get(name, none)[k]) for v in views.values() for k in (2, 3)]
+        for name in names
+    ]
     from medsec.evaluation.figures import plot_headline
 
     path = ctx.figure_path("summary.png")
     plot_headline(
         path,
         names,
-        [
-            (
-                e / 255,
-                [x[3] or 0.0 for x in entries],
-                [x[4] if x[4] is not None else (x[3] or 0.0) for x in entries],
-            )
-            for e, entries in views.items()
-        ],
+        [(e / 255, *_bars(v, names)) for e, v in views.items()],
     )
     caption = (
         "Attack success rate of each entry against the attack of its own paper (blue) and the "

@@ -55,6 +55,7 @@ from medsec.errors import MedsecError
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.figures import save as save_figure
 from medsec.evaluation.figures import show_image
+from medsec.models.training import predict_proba
 from medsec.utils import atomic_write_bytes
 
 FAMILY = "detection"
@@ -235,7 +236,7 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
             info,
             [(1.0, detector_hinge(kd, _hinge(kd, x_val)))],
             "LR(target-class KD, BU over 50 fresh dropout masks per step = EOT), hinged",
-            per_attack=_refit_head(kd, c_clean, c_adv),
+            per_attack=_per_attack(kd, CharacteristicDetector.fit_head, c_clean, c_adv),
         )
     if name == "ma-lid":
         lid = LIDDetector(victim)
@@ -250,7 +251,7 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
             [(1.0, detector_hinge(lid, _hinge(lid, x_val))), (1.0, gmm_matching(gmms))],
             "LR(batch-LID of every layer) differentiated directly + per-layer GMM "
             "feature matching (HFC), both hinged",
-            per_attack=_refit_head(lid, c_clean, c_adv),
+            per_attack=_per_attack(lid, CharacteristicDetector.fit_head, c_clean, c_adv),
         )
     if name == "ma-deepfeat":
         rf = DeepFeatureDetector(victim, seed=ctx.seed)
@@ -273,9 +274,7 @@ def _build(ctx: StudyContext, name: str, eps: float) -> Built:
             ],
             "MLP surrogate of the forest (same features) + per-layer GMM feature "
             "matching (HFC), both hinged",
-            per_attack=lambda i: _refit(
-                rf, lambda d: d.fit(clean[_quarter(i, len(clean))], adv[_quarter(i, len(clean))])
-            ),
+            per_attack=_per_attack(rf, DeepFeatureDetector.fit, clean, adv),
         )
     raise MedsecError(f"unknown detector {name!r}")
 
@@ -285,19 +284,17 @@ def _quarter(i: int, n: int) -> Tensor:
     return torch.arange(n).chunk(len(ATTACKS))[i]
 
 
-def _refit(det: Detector, fit: Callable[[Detector], Any]) -> Detector:
-    """A shallow copy of ``det`` refitted by ``fit`` (the deployed detector is untouched)."""
-    other = copy.copy(det)
-    fit(other)
-    return other
-
-
-def _refit_head(
-    det: CharacteristicDetector, c_clean: Tensor, c_adv: Tensor
+def _per_attack(
+    det: Detector, fit: Callable[[Any, Tensor, Tensor], Any], clean: Tensor, adv: Tensor
 ) -> Callable[[int], Detector]:
+    """Attack index -> a shallow copy of ``det`` refitted by ``fit(copy, clean, adv)`` on that
+    attack's quarter of the fit set only (the deployed detector is untouched)."""
+
     def refit(i: int) -> Detector:
-        q = _quarter(i, len(c_clean))
-        return _refit(det, lambda d: d.fit_head(c_clean[q], c_adv[q]))
+        q = _quarter(i, len(clean))
+        other = copy.copy(det)
+        fit(other, clean[q], adv[q])
+        return other
 
     return refit
 
@@ -640,13 +637,7 @@ def _why_low_auc(ctx: StudyContext, res: dict[str, Any], attack: str, eps: float
     the wrong class: shows whether weakly fooling images are what the detector misses."""
     x_adv = _nonadaptive(ctx, attack, eps)[0]
     fooled = np.asarray(res["fooled"], bool)
-    with torch.no_grad():
-        conf = torch.cat(
-            [
-                torch.softmax(ctx.victim(x_adv[s : s + 250].to(ctx.device)), 1).amax(1).cpu()
-                for s in range(0, len(x_adv), 250)
-            ]
-        ).numpy()[fooled]
+    conf = predict_proba(ctx.victim, x_adv, device=ctx.device).max(1)[fooled]
     s_adv = np.asarray(res["adv_scores"])[fooled]
     s_clean = np.asarray(res["clean_scores"])
     low = conf < np.median(conf)

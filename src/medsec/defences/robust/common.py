@@ -35,6 +35,13 @@ class RobustTrainConfig:
         return asdict(self)
 
 
+def count_steps(n: int, cfg: RobustTrainConfig) -> int:
+    """How many minibatches ``minibatches`` yields for ``n`` images (same ranges, no data)."""
+    per_epoch = len(range(0, n - 1, cfg.batch_size))
+    steps = cfg.epochs * per_epoch
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
 def minibatches(
     x: Tensor, y: Tensor, cfg: RobustTrainConfig
 ) -> Iterator[tuple[int, Tensor, Tensor]]:

@@ -14,7 +14,6 @@ accuracy 0.5 on fundus-lesion, measured).
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 from typing import Any
 
@@ -23,18 +22,11 @@ from torch import nn
 
 from medsec.attacks import AttackSpec, run_attack
 from medsec.data.base import Dataset
-from medsec.defences.robust.common import RobustTrainConfig, fit
+from medsec.defences.robust.common import RobustTrainConfig, count_steps, fit
 
 TRAIN_EPS = 4 / 255
 TRAIN_STEPS = 5
 RAMP = 0.5  # share of the optimiser steps over which eps grows linearly from 0 to TRAIN_EPS
-
-
-def total_steps(n: int, cfg: RobustTrainConfig) -> int:
-    """Optimiser steps ``fit`` will take on ``n`` training images."""
-    per_epoch = math.ceil((n - 1) / cfg.batch_size)
-    steps = cfg.epochs * per_epoch
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
 
 
 def train_pgd_at(
@@ -49,7 +41,7 @@ def train_pgd_at(
 ) -> dict[str, Any]:
     """Fine-tune ``model`` in place on PGD examples; returns the training record."""
     spec = AttackSpec("pgd-at-train", eps, steps=steps, early_stop=False)
-    ramp_steps = max(1, round(ramp * total_steps(len(data.train.labels), cfg)))
+    ramp_steps = max(1, round(ramp * count_steps(len(data.train.labels), cfg)))
 
     def loss_fn(step: int, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
         now = replace(spec, eps=eps * min(1.0, (step + 1) / ramp_steps))
