@@ -26,8 +26,8 @@ run: venv
 	$(BIN)/medsec reproduce --out results
 
 test: venv sysdeps
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest -q
 
 # torchattacks --no-deps: see the `bench` extra in pyproject.toml (keeps torch==2.13.0 CPU).

@@ -14,10 +14,18 @@ from torch import nn
 
 from medsec.attacks import AttackSpec, preset, run_attack
 from medsec.data.base import Dataset
-from medsec.defences.detection import FlagAll, GaussianDetector, KDBUDetector, threshold_at_fpr
+from medsec.defences.base import FitData
+from medsec.defences.detection import (
+    DeepFeatureDetector,
+    GaussianDetector,
+    KDBUDetector,
+    LIDDetector,
+    threshold_at_fpr,
+)
 from medsec.defences.detection.adaptive import Hinge, detector_hinge, lambda_ladder_attack
+from medsec.defences.detection.deepfeat import deepfeat_terms
 from medsec.defences.detection.kd_bu import kernel_log_density, mc_dropout_uncertainty
-from medsec.defences.detection.lid import lid_mle
+from medsec.defences.detection.lid import lid_mle, lid_terms
 from medsec.defences.detection.mgm import fit_gaussian, mahalanobis_sq
 
 
@@ -96,6 +104,13 @@ def attack_set(blob_data: Dataset, trained: tuple[nn.Module, dict]) -> tuple:
     return blob_data, victim, x[ok][:100], y[ok][:100]
 
 
+class FlagAll:
+    """A degenerate detector that flags every input."""
+
+    def flags(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(x), dtype=torch.bool, device=x.device)
+
+
 def test_flag_everything_detector_gives_asr_zero(attack_set: tuple) -> None:
     _, victim, x, y = attack_set
     res = run_attack(victim, x, y, preset("pgd-20", 8 / 255), detector=FlagAll())
@@ -114,7 +129,7 @@ def test_gaussian_detector_threshold_and_adaptive_attack_beats_non_adaptive(
     assert int(det.flags(x_val).sum()) <= 0.05 * len(x_val)
     eps = 8 / 255
     plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
-    s_val = det.score(x_val).numpy()
+    s_val = det.score_samples(x_val).numpy()
     hinge = Hinge.from_clean(s_val)
     assert hinge.aim == np.median(s_val) and hinge.aim < det.threshold
     spec = AttackSpec("adaptive", eps, steps=30)
@@ -127,7 +142,7 @@ def test_gaussian_detector_threshold_and_adaptive_attack_beats_non_adaptive(
     assert asr_adaptive >= 0.9
     assert asr_adaptive >= asr_plain + 0.3, (asr_plain, asr_adaptive)
     # aiming at the clean median makes the scores look clean at ANY threshold
-    s_adv = det.score(adaptive.x_adv[adaptive.success]).numpy()
+    s_adv = det.score_samples(adaptive.x_adv[adaptive.success]).numpy()
     auc = roc_auc_score(np.r_[np.zeros(len(s_val)), np.ones(len(s_adv))], np.r_[s_val, s_adv])
     assert adaptive.at_aim >= 0.8 * len(x) and auc <= 0.6, (adaptive.at_aim, auc)
     # an aim no score can reach: success is still judged (and kept) at the deployed threshold
@@ -146,15 +161,15 @@ def test_kd_bu_detector_catches_pgd_and_adaptive_attack_evades(attack_set: tuple
     xt = torch.from_numpy(data.train.images)
     yt = torch.from_numpy(data.train.labels)
     det = KDBUDetector(victim)
-    det.fit_density(xt[:400], yt[:400])
     eps = 8 / 255
     adv_fit = run_attack(victim, xt[400:], yt[400:], preset("pgd-20", eps, early_stop=False))
-    info = det.fit_head(det.characteristics_of(xt[400:]), det.characteristics_of(adv_fit.x_adv))
+    info = det.fit(xt, yt, adv_fit.x_adv)  # the last len(x_adv) clean images pair with x_adv
+    assert len(det.reference_[0]) + len(det.reference_[1]) == 400  # fit images not in the KDE
     assert info["fit_cv_auc"] > 0.8
     x_val = torch.from_numpy(data.val.images)
     det.set_threshold(x_val)
     plain = run_attack(victim, x, y, preset("pgd-20", eps, early_stop=False), detector=det)
-    hinge = Hinge.from_clean(det.score(x_val).numpy())
+    hinge = Hinge.from_clean(det.score_samples(x_val).numpy())
     adaptive = lambda_ladder_attack(
         victim,
         det,
@@ -167,3 +182,47 @@ def test_kd_bu_detector_catches_pgd_and_adaptive_attack_evades(attack_set: tuple
     asr_plain = float(plain.success.float().mean())
     asr_adaptive = float(adaptive.success.float().mean())
     assert asr_adaptive >= asr_plain + 0.3, (asr_plain, asr_adaptive)
+
+
+@pytest.fixture(scope="module")
+def fit_data(attack_set: tuple) -> FitData:
+    """The detectors' fit data as the study builds it: reference / fit split, PGD fit set."""
+    data, victim, _, _ = attack_set
+    xt = torch.from_numpy(data.train.images)
+    yt = torch.from_numpy(data.train.labels)
+    adv = run_attack(victim, xt[400:], yt[400:], preset("pgd-20", 8 / 255, early_stop=False))
+    val = torch.from_numpy(data.val.images)
+    return FitData(xt[:400], yt[:400], xt[400:], adv.x_adv, val, 0, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    "make,terms", [(LIDDetector, lid_terms), (DeepFeatureDetector, deepfeat_terms)]
+)
+def test_supervised_detector_fits_flags_and_gives_the_attacker_gradients(
+    attack_set: tuple, fit_data: FitData, make, terms
+) -> None:
+    """LID and the deep-feature forest through the one interface: fit on clean + adversarial,
+    5% clean FPR on validation, adversarial test images caught, and the informed attacker's
+    terms have finite, non-zero input gradients (a forest has none of its own)."""
+    _, victim, x, y = attack_set
+    fd = fit_data
+    det = make(victim)
+    with pytest.raises(Exception, match="supervised"):
+        det.fit(torch.cat([fd.x_ref, fd.x_fit]), torch.cat([fd.y_ref, fd.y_ref[:0]]), None)
+    yt = torch.cat([fd.y_ref, torch.zeros(len(fd.x_fit), dtype=torch.long)])
+    det.fit(torch.cat([fd.x_ref, fd.x_fit]), yt, fd.x_adv)
+    det.set_threshold(fd.x_val)
+    assert int(det.flags(fd.x_val).sum()) <= 0.05 * len(fd.x_val)
+    adv = run_attack(victim, x, y, preset("pgd-20", 8 / 255, early_stop=False))
+    s_clean, s_adv = det.score_samples(x).numpy(), det.score_samples(adv.x_adv).numpy()
+    auc = roc_auc_score(np.r_[np.zeros(len(x)), np.ones(len(x))], np.r_[s_clean, s_adv])
+    assert auc > 0.8, auc
+    weighted, desc = terms(det, fd)
+    assert weighted and desc
+    xa = adv.x_adv[:8].clone().requires_grad_(True)
+    logits, feats = victim.forward_features(xa)
+    out = {"logits": logits, **feats}
+    target = logits.detach().argmax(1)  # the terms act where the victim predicts the target
+    value = sum(w * t(out, target, True) for w, t in weighted).sum()
+    (grad,) = torch.autograd.grad(value, xa)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0

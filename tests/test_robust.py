@@ -24,7 +24,7 @@ from medsec.defences.robust import (
     train_pgd_at,
     train_ssat,
 )
-from medsec.defences.robust import diagnostics as diag
+from medsec.evaluation import diagnostics as diag
 from medsec.models.training import TrainConfig, train_victim
 
 FEW = RobustTrainConfig(epochs=1, batch_size=32, lr=1e-3, seed=0, max_steps=3)

@@ -10,20 +10,9 @@ import torch
 
 from medsec.cli import main
 from medsec.evaluation import study
-from medsec.evaluation.context import Profile
+from medsec.evaluation.context import PROFILES
 
-TINY = Profile(
-    "tiny",
-    size=28,
-    n_train=400,
-    n_val=100,
-    n_test=120,
-    epochs=8,
-    patience=8,
-    n_attack=40,
-    eps=(2 / 255, 8 / 255),
-    batch_size=40,
-)
+TINY = PROFILES["tiny"]
 ROW_KEYS = {
     "defence",
     "family",
@@ -150,7 +139,7 @@ def test_rerun_resumes_without_recomputing(finished, monkeypatch):
     out, data = finished
     cells = sorted(p.name for p in (out / "cells").iterdir())
     monkeypatch.setattr(baseline, "run_attack", boom)
-    monkeypatch.setattr(baseline, "_examples_figure", lambda ctx: None)
+    monkeypatch.setattr(baseline, "_examples_figure", lambda ctx, name: None)
     monkeypatch.setattr(study, "train_victim", boom)
     run_tiny_study(out, data)
     assert sorted(p.name for p in (out / "cells").iterdir()) == cells
@@ -193,18 +182,19 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     the report's tables and one progress line per computed cell."""
     _, data = finished
     out = tmp_path / "det"
-    run_tiny_study(out, data, defences="ma-kd-bu,li-zhu-mgm", progress=True)
+    names = ("ma-kd-bu", "li-zhu-mgm", "ma-lid", "ma-deepfeat")  # every built-in detector
+    run_tiny_study(out, data, defences=",".join(names), progress=True)
     m = json.loads((out / "metrics.json").read_text())
     rows = [r for r in m["rows"] if r["family"] == "detection"]
     assert {(r["defence"], r["adaptive"]) for r in rows} == {
-        (d, a) for d in ("ma-kd-bu", "li-zhu-mgm") for a in (False, True)
+        (d, a) for d in names for a in (False, True)
     }
     assert {r["eps_255"] for r in rows} == {2.0}  # the profile's only eps in {1, 2, 4}/255
     for r in rows:
         assert 0 <= r["attack_success_rate"] <= 1 and r["clean_fpr"] <= 0.2
         if r["adaptive"]:
             assert r["reached_aim"] <= r["n"] and r["attacker_aim"] <= r["threshold"]
-        elif r["defence"] == "ma-kd-bu":  # supervised: refitted per attack as in Ma et al.
+        elif r["defence"] != "li-zhu-mgm":  # supervised: refitted per attack as in Ma et al.
             assert 0 <= r["detection_auc_per_attack_fit"] <= 1
         else:  # unsupervised: nothing to refit
             assert r["detection_auc_per_attack_fit"] is None

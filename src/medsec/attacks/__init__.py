@@ -1,6 +1,6 @@
 """One attack engine: the PGD loop, composable losses, EOT/BPDA, and one success criterion."""
 
-from medsec.attacks.criteria import Criterion
+from medsec.attacks.criteria import Criterion, eval_mode, majority, success_runs
 from medsec.attacks.losses import (
     LossTerm,
     Objective,
@@ -15,7 +15,6 @@ from medsec.attacks.pgd import (
     AttackResult,
     AttackSpec,
     default_objective,
-    eval_mode,
     pgd,
     preset,
     run_attack,
@@ -37,8 +36,10 @@ __all__ = [
     "default_objective",
     "eval_mode",
     "logits_forward",
+    "majority",
     "margin",
     "pgd",
     "preset",
     "run_attack",
+    "success_runs",
 ]

@@ -7,6 +7,8 @@ beforehand on clean data. Every attack result, every table and every early stop 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import torch
@@ -19,6 +21,17 @@ class Flagger(Protocol):
     """Anything with ``flags(x) -> BoolTensor`` (a fitted detector at its fixed threshold)."""
 
     def flags(self, x: Tensor) -> Tensor: ...
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run the deployed (eval-mode) pipeline, then restore the caller's mode."""
+    was = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was)
 
 
 class Criterion:
@@ -39,12 +52,8 @@ class Criterion:
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
         """Labels the deployed pipeline assigns (in eval mode; its own randomness kept)."""
-        was = self.pipeline.training
-        self.pipeline.eval()
-        try:
+        with eval_mode(self.pipeline):
             return as_two_logits(self.pipeline(x)).argmax(1)
-        finally:
-            self.pipeline.train(was)
 
     @torch.no_grad()
     def __call__(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
@@ -58,3 +67,37 @@ class Criterion:
         if self.detector is not None:
             ok = ok & ~self.detector.flags(x).to(ok.device)
         return ok
+
+
+def success_runs(
+    pipeline: nn.Module,
+    x: Tensor,
+    labels: Tensor,
+    *,
+    detector: Flagger | None = None,
+    repeats: int = 1,
+    reseed: Callable[[int], None] | None = None,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> Tensor:
+    """(repeats, N) success of ``x`` by the one Criterion, each run with fresh randomness
+    (``reseed(seed + 7919 * run)`` where the pipeline can be reseeded). A randomised
+    pipeline's per-example success is the majority of runs (:func:`majority`)."""
+    device = next(iter(pipeline.parameters()), torch.empty(0)).device
+    out = []
+    for r in range(repeats):
+        if reseed is not None:
+            reseed(seed + 7919 * (r + 1))
+        ok = [
+            Criterion(pipeline, labels[s : s + batch_size].to(device), detector=detector)(
+                x[s : s + batch_size].to(device)
+            ).cpu()
+            for s in range(0, len(x), batch_size)
+        ]
+        out.append(torch.cat(ok) if ok else torch.zeros(0, dtype=torch.bool))
+    return torch.stack(out)
+
+
+def majority(runs: Tensor) -> Tensor:
+    """Per example: success in at least half of the repeated evaluations (the one rule)."""
+    return runs.float().mean(0) >= 0.5

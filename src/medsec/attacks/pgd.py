@@ -12,17 +12,16 @@ only (``torch.autograd.grad``), never the weights.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from medsec.attacks.criteria import Criterion
+from medsec.attacks.criteria import Criterion, eval_mode
 from medsec.attacks.losses import Objective, create_loss, logits_forward
 from medsec.attacks.transforms import EOT
 from medsec.errors import MedsecError
@@ -118,17 +117,6 @@ class AttackResult:
     seconds: float = 0.0
 
 
-@contextlib.contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Attack the deployed (eval-mode) pipeline, then restore the caller's mode."""
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)
-
-
 def _random_start(x: Tensor, spec: AttackSpec, gen: torch.Generator | None) -> Tensor:
     if not spec.random_start or spec.eps == 0:
         return torch.zeros_like(x)
@@ -170,6 +158,15 @@ def _step(
     return (x0 + delta * (spec.eps / dnorm).clamp(max=1.0)).clamp_(0, 1)
 
 
+def _input_grad(value: Tensor, xa: Tensor) -> Tensor:
+    """d value.sum() / d xa; zeros where the graph does not reach the input (a
+    non-differentiable step cut it): counted as zero gradients, never an exception."""
+    if not value.requires_grad:
+        return torch.zeros_like(xa)
+    (grad,) = torch.autograd.grad(value.sum(), xa, allow_unused=True)
+    return torch.zeros_like(xa) if grad is None else grad
+
+
 def pgd(
     objective: ObjectiveFn,
     x: Tensor,
@@ -201,7 +198,7 @@ def pgd(
         for t in range(spec.steps):
             xa.requires_grad_(True)
             value = objective(xa, idx)
-            (grad,) = torch.autograd.grad(value.sum(), xa)
+            grad = _input_grad(value, xa)
             if t == 0 and restart == 0:
                 flat = grad.flatten(1)
                 finite = torch.isfinite(flat).all(1)

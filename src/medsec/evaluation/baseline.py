@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medsec.attacks import AttackSpec, Criterion, preset, run_attack
-from medsec.defences import register_defence
+from medsec.defences.base import Defence
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.figures import plot_asr_vs_eps, plot_examples
 
@@ -61,8 +61,7 @@ def attack_cell(
     return ctx.cell(key, compute)
 
 
-@register_defence("none", FAMILY, "undefended victim: the attack grid and its sanity checks")
-def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
+def run_baseline(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
     """Attack grid (FGSM, BIM, PGD-20, PGD-100, CW-L-inf x eps) plus sanity checks."""
     clean_acc = float(ctx.victim_meta["metrics"]["clean_accuracy"])
     rows: list[dict[str, Any]] = []
@@ -111,9 +110,10 @@ def run_baseline(ctx: StudyContext) -> list[dict[str, Any]]:
         path,
         "Attack success rate of each attack against the undefended victim as "
         "the L-inf budget grows (eps in /255 of the [0,1] pixel range).",
-        FAMILY,
+        family=FAMILY,
+        defence=defence.name,
     )
-    _examples_figure(ctx)
+    _examples_figure(ctx, defence.name)
     return rows
 
 
@@ -224,7 +224,7 @@ def _random_noise_asr(ctx: StudyContext, eps: float) -> float:
     )["asr"]
 
 
-def _examples_figure(ctx: StudyContext) -> None:
+def _examples_figure(ctx: StudyContext, name: str) -> None:
     """Clean / adversarial / amplified perturbation panels for PGD-20."""
     x, y, _ = ctx.attack_set(n=4)
     panels = []
@@ -239,5 +239,6 @@ def _examples_figure(ctx: StudyContext) -> None:
         "Clean test images, PGD-20 adversarial versions at three budgets, and "
         "the perturbation amplified to the full range; titles give the victim's "
         "prediction.",
-        FAMILY,
+        family=FAMILY,
+        defence=name,
     )

@@ -161,6 +161,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction) -> None:
     from medsec.attacks import PRESETS
+    from medsec.evaluation.context import PROFILES
     from medsec.models import list_models
 
     p = sub.add_parser("data", help="describe (and preview) a data set")
@@ -206,12 +207,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "gate, and write report.md/.html, metrics.json/.csv and figures. "
         "Rerunning continues where a killed run stopped.",
     )
-    p.add_argument("--profile", default="full", choices=("quick", "full"))
+    p.add_argument("--profile", default="full", choices=tuple(PROFILES))
     p.add_argument("--dataset", default="fundus-lesion", help=DATA_HELP)
     p.add_argument(
         "--defences",
         default="all",
-        help="comma list of defences (none, signature-gate, ...) or 'all'",
+        help="comma list of defences (none, ssat, ma-kd-bu, ..., signature-gate) or 'all'; "
+        "your own: path/to/file.py:NAME or package.module:NAME (a medsec.defences.Defence)",
     )
     p.add_argument("--arch", default="small-cnn", choices=list_models())
     p.add_argument("--out", default="results", help="output directory (default: results)")

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 import sys
 import time
 from collections.abc import Callable
@@ -25,11 +23,12 @@ from torch import Tensor, nn
 
 from medsec.attacks.criteria import Criterion
 from medsec.attacks.pgd import AttackSpec
+from medsec.cache import ArtifactStore, cached_cell, jsonable, slug
 from medsec.data.base import Dataset
+from medsec.defences.base import FAMILIES, BuildEnv
 from medsec.errors import MedsecError
-from medsec.utils import atomic_write_bytes, atomic_write_json
+from medsec.utils import atomic_write_bytes
 
-FAMILIES = ("none", "detection", "robustification", "integrity")
 EPS_UNIT = "[0,1] pixel units"
 
 
@@ -56,6 +55,8 @@ class Profile:
 
 STUDY_EPS = tuple(e / 255 for e in (0.5, 1, 2, 4, 8))
 PROFILES: dict[str, Profile] = {
+    # a smoke run in minutes (tests, trying out a plug-in): 28 px, few images, two budgets
+    "tiny": Profile("tiny", 28, 400, 100, 120, 8, 8, 40, (2 / 255, 8 / 255), 40),
     "quick": Profile("quick", 64, 2000, 300, 400, 20, 6, 200, STUDY_EPS),
     "full": Profile("full", 64, 4000, 500, 1000, 40, 8, 500, STUDY_EPS),
 }
@@ -73,9 +74,21 @@ class Check:
 
 @dataclass
 class Figure:
+    """A figure for the report, filed under its family and (if any) its defence."""
+
     path: str  # relative to the output directory
     caption: str
-    section: str
+    family: str
+    defence: str | None = None
+
+
+@dataclass
+class Note:
+    """A paragraph for the report (threat model, assumptions, findings), filed like figures."""
+
+    text: str
+    family: str
+    defence: str | None = None
 
 
 def make_row(
@@ -95,7 +108,7 @@ def make_row(
 ) -> dict[str, Any]:
     """A metrics.json row; ``attack_success_rate`` is over the ``n`` attacked images."""
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}")
+        raise ValueError(f"family must be one of {tuple(FAMILIES)}")
     row: dict[str, Any] = {
         "defence": defence,
         "family": family,
@@ -112,7 +125,7 @@ def make_row(
     if spec is not None:
         row["settings"] = spec.record()
     row.update(extra)
-    return _jsonable(row)
+    return jsonable(row)
 
 
 def _headline(result: Any) -> str:
@@ -133,23 +146,6 @@ def _headline(result: Any) -> str:
     return ", ".join(parts) + (", " if parts else "")
 
 
-def _jsonable(obj: Any) -> Any:
-    """Replace NaN/inf by None and numpy scalars by Python ones so JSON stays standard."""
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:80]
-
-
 @dataclass
 class StudyContext:
     """Shared state of one ``medsec reproduce`` run (see module docstring)."""
@@ -164,7 +160,7 @@ class StudyContext:
     progress: bool = True
     checks: list[Check] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
-    notes: dict[str, list[str]] = field(default_factory=dict)
+    notes: list[Note] = field(default_factory=list)
 
     # ---- resumable cells -------------------------------------------------------------
     def cell(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -176,24 +172,33 @@ class StudyContext:
             "seed": self.seed,
         }
         blob = json.dumps(key, sort_keys=True, default=str)
-        name = _slug(
+        name = slug(
             "-".join(
                 str(v) for k, v in key.items() if k in ("defence", "attack", "eps_255", "what")
             )
         )
         path = self.out / "cells" / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
-        if path.exists():
-            try:
-                stored = json.loads(path.read_text())
-                if stored.get("key") == json.loads(blob):
-                    return stored["result"]
-            except (json.JSONDecodeError, KeyError):
-                pass  # a damaged cell is recomputed
         t0 = time.perf_counter()
-        result = _jsonable(compute())
-        atomic_write_json(path, {"key": json.loads(blob), "result": result})
-        self.log(f"{name}: {_headline(result)}{time.perf_counter() - t0:.1f} s")
+        result, computed = cached_cell(path, key, compute, warn=self.log)
+        if computed:
+            self.log(f"{name}: {_headline(result)}{time.perf_counter() - t0:.1f} s")
         return result
+
+    @property
+    def store(self) -> ArtifactStore:
+        """Trained artefacts of this (data, victim) pair, in OUT/artifacts."""
+        tag = f"{self.data.content_hash[:10]}-{self.victim_meta.get('sha256', '')[:10]}"
+        return ArtifactStore(self.out / "artifacts", tag)
+
+    def build_env(self) -> BuildEnv:
+        """What a defence's ``build`` may use."""
+        return BuildEnv(
+            eps=self.profile.eps,
+            seed=self.seed,
+            device=self.device,
+            batch_size=self.profile.batch_size,
+            store=self.store,
+        )
 
     def log(self, line: str) -> None:
         """One line of progress (kept clear of progress bars; silent when progress is off)."""
@@ -266,7 +271,7 @@ class StudyContext:
         gate, which checks every one. Stored as float32 .npz in OUT/artifacts/adversarial/."""
         import io
 
-        path = self.artifact(f"adversarial/{_slug(name)}.npz")
+        path = self.artifact(f"adversarial/{slug(name)}.npz")
         meta = {
             "name": name,
             "defence": defence,
@@ -300,12 +305,16 @@ class StudyContext:
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def add_figure(self, path: Path, caption: str, section: str) -> None:
-        """A figure for the report, under ``section`` = a row family ("none", "detection",
-        "robustification", "integrity")."""
-        self.figures.append(Figure(str(path.relative_to(self.out)), caption, section))
+    def add_figure(
+        self, path: Path, caption: str, *, family: str, defence: str | None = None
+    ) -> None:
+        """A figure for the report, under its family (and defence; None = family-wide)."""
+        rel = str(path.relative_to(self.out))
+        if not any(f.path == rel for f in self.figures):
+            self.figures.append(Figure(rel, caption, family, defence))
 
-    def add_note(self, section: str, text: str) -> None:
-        """A paragraph for the report (threat model, assumptions, what did not work), under
-        ``section`` = a row family, as for figures."""
-        self.notes.setdefault(section, []).append(text)
+    def add_note(self, text: str, *, family: str, defence: str | None = None) -> None:
+        """A paragraph for the report, filed like figures (a repeated note is kept once)."""
+        note = Note(text, family, defence)
+        if note not in self.notes:
+            self.notes.append(note)

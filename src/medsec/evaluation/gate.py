@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from medsec.defences.base import Defence
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.integrity import (
     TrustStore,
@@ -58,7 +59,7 @@ def _signer(ctx: StudyContext) -> tuple[Path, Path, TrustStore]:
     return key, cert, TrustStore.from_dir(trust_dir)
 
 
-def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
+def run_gate(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
     """Rows of family ``integrity``: rejection of every saved adversarial image, and the
     false-rejection rate of the clean signed originals."""
     files = sorted((ctx.out / "artifacts" / "adversarial").glob("*.npz"))
@@ -110,7 +111,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
             }
 
         cell = ctx.cell(
-            {"defence": "signature-gate", "attack": path.stem, "what": "gate", "file": digest},
+            {"defence": defence.name, "attack": path.stem, "what": "gate", "file": digest},
             compute,
         )
         for k in totals:
@@ -118,7 +119,7 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
         meta = cell["meta"]
         rows.append(
             make_row(
-                defence="signature-gate",
+                defence=defence.name,
                 family=FAMILY,
                 attack=path.stem,
                 adaptive=bool(meta.get("adaptive", False)),
@@ -143,22 +144,23 @@ def run_gate(ctx: StudyContext) -> list[dict[str, Any]]:
         f"{totals['rejected']}/{totals['changed']} altered adversarial images rejected "
         f"({totals['n'] - totals['changed']} identical after 8-bit quantisation) "
         f"from {len(files)} attack runs",
-        defence="signature-gate",
+        defence=defence.name,
     )
     ctx.add_check(
         "signature gate accepts every clean signed image",
         clean["false_rejection_rate"] == 0.0,
         f"{clean['rejected']}/{clean['n']} clean signed originals rejected",
-        defence="signature-gate",
+        defence=defence.name,
     )
     ctx.add_note(
-        FAMILY,
         "Every test image used by an attack was signed at "
         "acquisition as an 8-bit DICOM Secondary Capture with a Creator RSA signature "
         "(SHA-256, DICOM PS3.15, verifiable with DCMTK's dcmsign). Each adversarial "
         "image was written into the signed instance's pixel data, as an attacker on "
         "the network or the archive would, and verified (signature required, creator "
         f"profile required) against the modality's certificate. {RESIDUAL_THREATS}",
+        family=FAMILY,
+        defence=defence.name,
     )
     return rows
 

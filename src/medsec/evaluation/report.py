@@ -3,9 +3,7 @@ self-contained report.html (figures embedded). Both reports render one list of b
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import io
 import json
 from collections import defaultdict
@@ -13,17 +11,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from medsec.defences.base import FAMILIES
 from medsec.evaluation.context import EPS_UNIT, StudyContext
+from medsec.evaluation.render import Block, render_html, render_markdown
 from medsec.utils import atomic_write_json, atomic_write_text
 
-Block = tuple[str, Any]  # ("h1"|"h2"|"h3"|"p"|"table"|"figure"|"pre", payload)
-
-FAMILY_TITLES = {
-    "none": "Undefended victim",
-    "detection": "Detection defences",
-    "robustification": "Robustification defences",
-    "integrity": "Signature gate (the remedy)",
-}
 THREAT_MODEL = (
     "White-box, informed attacker: knows the architecture, the weights, every defence, the "
     "detectors and their thresholds, and the distribution of any randomness (not its draws). "
@@ -58,19 +50,62 @@ def _pivot(rows: list[dict[str, Any]], value: str) -> dict[str, Any]:
     return {"header": header, "rows": body}
 
 
+def _tables(family: str, drows: list[dict[str, Any]]) -> list[Block]:
+    """The tables of one entry: the gate's verdict table, or ASR (and detection) pivots."""
+    if family == "integrity":
+        header = [
+            "adversarial images from",
+            "n",
+            "altered",
+            "rejected (of altered)",
+            "fooled AND accepted",
+            "clean false rejections",
+        ]
+        body = [
+            [
+                r["attack"],
+                r["n"],
+                r.get("changed"),
+                _fmt(r.get("rejection_rate")),
+                _fmt(r["attack_success_rate"]),
+                _fmt(r.get("false_rejection_rate")),
+            ]
+            for r in drows
+        ]
+        return [("table", {"header": header, "rows": body})]
+    joint = " under the joint criterion: misclassified AND not flagged."
+    blocks: list[Block] = [
+        ("p", "Attack success rate (ASR)" + (joint if family == "detection" else ".")),
+        ("table", _pivot(drows, "attack_success_rate")),
+    ]
+    if family == "detection":
+        blocks.append(("p", "Detection ROC-AUC (clean vs adversarial):"))
+        blocks.append(("table", _pivot(drows, "detection_auc")))
+        if any(r.get("detection_auc_per_attack_fit") is not None for r in drows):
+            blocks.append(
+                (
+                    "p",
+                    "Detection ROC-AUC with one detector refitted per attack (Ma et al.'s "
+                    "protocol; the deployed detector above is fitted on all four attacks):",
+                )
+            )
+            per_attack = [r for r in drows if not r["adaptive"]]
+            blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
+        blocks.append(("p", "True-positive rate at 5% false positives:"))
+        blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
+    return blocks
+
+
 def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -> list[Block]:
-    blocks: list[Block] = [("h2", FAMILY_TITLES.get(family, family))]
+    """One family's section: family-wide notes, then per entry its tables, figures and notes
+    (filed by the ``defence`` field of each note and figure), then family-wide figures."""
+    blocks: list[Block] = [("h2", FAMILIES[family].title)]
     by_def: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_def[r["defence"]].append(r)
-    notes = ctx.notes.get(family, [])
-    figures = [f for f in ctx.figures if f.section == family]
-
-    def owner(text: str) -> str | None:
-        """The defence a note or caption is about ('name: ...' / 'name (...'), if any."""
-        return next((n for n in by_def if text.startswith((f"{n}:", f"{n} ("))), None)
-
-    blocks += [("p", t) for t in notes if owner(t) is None]
+    notes = [n for n in ctx.notes if n.family == family]
+    figures = [f for f in ctx.figures if f.family == family]
+    blocks += [("p", n.text) for n in notes if n.defence is None]
     for name, drows in by_def.items():
         blocks.append(
             (
@@ -79,58 +114,10 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
                 f"n = {drows[0]['n']} attacked images",
             )
         )
-        if family == "integrity":
-            header = [
-                "adversarial images from",
-                "n",
-                "altered",
-                "rejected (of altered)",
-                "fooled AND accepted",
-                "clean false rejections",
-            ]
-            body = [
-                [
-                    r["attack"],
-                    r["n"],
-                    r.get("changed"),
-                    _fmt(r.get("rejection_rate")),
-                    _fmt(r["attack_success_rate"]),
-                    _fmt(r.get("false_rejection_rate")),
-                ]
-                for r in drows
-            ]
-            blocks.append(("table", {"header": header, "rows": body}))
-            continue
-        blocks.append(
-            (
-                "p",
-                "Attack success rate (ASR)"
-                + (
-                    " under the joint criterion: misclassified AND not flagged."
-                    if family == "detection"
-                    else "."
-                ),
-            )
-        )
-        blocks.append(("table", _pivot(drows, "attack_success_rate")))
-        if family == "detection":
-            blocks.append(("p", "Detection ROC-AUC (clean vs adversarial):"))
-            blocks.append(("table", _pivot(drows, "detection_auc")))
-            if any(r.get("detection_auc_per_attack_fit") is not None for r in drows):
-                blocks.append(
-                    (
-                        "p",
-                        "Detection ROC-AUC with one detector refitted per attack (Ma et al.'s "
-                        "protocol; the deployed detector above is fitted on all four attacks):",
-                    )
-                )
-                per_attack = [r for r in drows if not r["adaptive"]]
-                blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
-            blocks.append(("p", "True-positive rate at 5% false positives:"))
-            blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
-        blocks += [("figure", (f.path, f.caption)) for f in figures if owner(f.caption) == name]
-        blocks += [("p", t) for t in notes if owner(t) == name]
-    blocks += [("figure", (f.path, f.caption)) for f in figures if owner(f.caption) is None]
+        blocks += _tables(family, drows)
+        blocks += [("figure", (f.path, f.caption)) for f in figures if f.defence == name]
+        blocks += [("p", n.text) for n in notes if n.defence == name]
+    blocks += [("figure", (f.path, f.caption)) for f in figures if f.defence is None]
     return blocks
 
 
@@ -266,7 +253,7 @@ def build_blocks(
     families = defaultdict(list)
     for r in rows:
         families[r["family"]].append(r)
-    for fam in ("none", "detection", "robustification", "integrity"):
+    for fam in FAMILIES:
         if families.get(fam):
             blocks += _family_blocks(fam, families[fam], ctx)
     blocks.append(("h2", "Sanity checks"))
@@ -303,75 +290,6 @@ def build_blocks(
     return blocks
 
 
-def _md_table(t: dict[str, Any]) -> str:
-    head = "| " + " | ".join(t["header"]) + " |"
-    sep = "|" + "|".join("---" for _ in t["header"]) + "|"
-    body = ["| " + " | ".join(str(c) for c in r) + " |" for r in t["rows"]]
-    return "\n".join([head, sep, *body])
-
-
-def render_markdown(blocks: list[Block]) -> str:
-    out = []
-    for kind, payload in blocks:
-        if kind in ("h1", "h2", "h3"):
-            out.append("#" * int(kind[1]) + " " + payload)
-        elif kind == "p":
-            out.append(payload)
-        elif kind == "table":
-            out.append(_md_table(payload))
-        elif kind == "figure":
-            path, caption = payload
-            out.append(f"![{caption}]({path})\n\n*{caption}*")
-    return "\n\n".join(out) + "\n"
-
-
-def _inline_code(text: str) -> str:
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def render_html(blocks: list[Block], out: Path) -> str:
-    body = []
-    for kind, payload in blocks:
-        if kind in ("h1", "h2", "h3"):
-            body.append(f"<{kind}>{_inline_code(payload)}</{kind}>")
-        elif kind == "p":
-            body.append(f"<p>{_inline_code(payload)}</p>")
-        elif kind == "table":
-            head = "".join(f"<th>{html.escape(str(h))}</th>" for h in payload["header"])
-            rows = "".join(
-                "<tr>"
-                + "".join(
-                    f"<td class='{'fail' if c == 'FAIL' else 'pass' if c == 'PASS' else ''}'>"
-                    f"{html.escape(str(c))}</td>"
-                    for c in r
-                )
-                + "</tr>"
-                for r in payload["rows"]
-            )
-            body.append(f"<table><tr>{head}</tr>{rows}</table>")
-        elif kind == "figure":
-            path, caption = payload
-            data = base64.b64encode((out / path).read_bytes()).decode()
-            body.append(
-                f"<figure><img src='data:image/png;base64,{data}' alt='"
-                f"{html.escape(caption)}'><figcaption>{html.escape(caption)}"
-                "</figcaption></figure>"
-            )
-    style = (
-        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;"
-        "padding:0 1em;line-height:1.45}table{border-collapse:collapse;margin:.6em 0}"
-        "td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}th{background:#f3f3f3}"
-        "td.pass{color:#176f2c;font-weight:600}td.fail{color:#b00020;font-weight:600}"
-        "img{max-width:100%}figcaption{font-size:13px;color:#444}"
-        "code{background:#f3f3f3;padding:0 3px}"
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>medsec study report"
-        f"</title><style>{style}</style></head><body>{''.join(body)}</body></html>\n"
-    )
-
-
 def write_report(ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str, Any]) -> Path:
     """metrics.json, metrics.csv, report.md, report.html in ctx.out; returns report.md."""
     out = ctx.out
@@ -390,7 +308,7 @@ def write_report(ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str
         "rows": rows,
         "sanity": [asdict(c) for c in ctx.checks],
         "figures": [asdict(f) for f in ctx.figures],
-        "notes": ctx.notes,
+        "notes": [asdict(n) for n in ctx.notes],
         **record,
     }
     atomic_write_json(out / "metrics.json", metrics)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,24 @@ import torch
 
 from medsec.data import EMBEDDED, load_dataset
 from medsec.data.base import Dataset
-from medsec.defences import get_defence, list_defences
+from medsec.defences import FAMILIES, Defence, get_defence, list_defences
 from medsec.errors import MedsecError
+from medsec.evaluation.baseline import run_baseline
 from medsec.evaluation.context import PROFILES, Profile, StudyContext
+from medsec.evaluation.detection import evaluate_detection
+from medsec.evaluation.gate import run_gate
+from medsec.evaluation.robust import evaluate_robust
 from medsec.models import TrainConfig, load_checkpoint, save_checkpoint, train_victim
 from medsec.utils import environment_record, seed_everything
 
-GATE = "signature-gate"
+Evaluator = Callable[[StudyContext, Defence], list[dict[str, Any]]]
+# One generic evaluator per family (the order of the study is the family table's).
+EVALUATORS: dict[str, Evaluator] = {
+    "none": run_baseline,
+    "robustification": evaluate_robust,
+    "detection": evaluate_detection,
+    "integrity": run_gate,
+}
 
 
 def load_study_data(dataset: str, profile: Profile, seed: int, progress: bool) -> Dataset:
@@ -67,16 +79,21 @@ def prepare_victim(
     return load_checkpoint(path, device=device, expect_data_hash=data.content_hash)
 
 
-def resolve_defences(spec: str | None) -> list[str]:
-    """``None``/``all`` -> every registered entry; else a comma list (``none`` always first)."""
-    known = [d.name for d in list_defences()] + [GATE]
+def resolve_defences(spec: str | None) -> list[Defence]:
+    """``None``/``all`` -> every built-in entry; else a comma list of names and plug-ins
+    (``FILE.py:NAME`` / ``package.module:NAME``), run in the family table's order (so the
+    signature gate, last, sees every adversarial image)."""
     if spec in (None, "", "all"):
-        return known
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise MedsecError(f"unknown defence(s) {', '.join(unknown)}; available: {', '.join(known)}")
-    return list(dict.fromkeys(names))
+        return list_defences()
+    names = list(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    if not names:
+        raise MedsecError("no defence named")
+    chosen = [get_defence(n) for n in names]
+    clash = [d.name for d in chosen if sum(o.name == d.name for o in chosen) > 1]
+    if clash:
+        raise MedsecError(f"two entries are named {clash[0]!r}")
+    order = list(FAMILIES)
+    return sorted(chosen, key=lambda d: order.index(d.family))
 
 
 def reproduce(
@@ -101,7 +118,8 @@ def reproduce(
         profile = PROFILES[profile_name]
     else:
         profile_name = profile.name
-    names = resolve_defences(defences)
+    chosen = resolve_defences(defences)
+    names = [d.name for d in chosen]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     seed_everything(seed)
@@ -110,15 +128,18 @@ def reproduce(
     ctx = StudyContext(out, profile, data, victim, meta, device, seed, progress)
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
-    for name in names:
+    for defence in chosen:
+        name = defence.name
         t0 = time.perf_counter()
         ctx.log(f"{name}: starting")
-        if name == GATE:
-            from medsec.evaluation.gate import run_gate
-
-            rows += run_gate(ctx)
-        else:
-            rows += get_defence(name).run(ctx)
+        try:
+            rows += EVALUATORS[defence.family](ctx, defence)
+        except (MedsecError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if defence.__module__.startswith("medsec."):
+                raise  # a bug of ours: keep the traceback
+            raise MedsecError(f"plug-in {name!r} failed: {exc!r}") from exc
         timings[name] = time.perf_counter() - t0
         ctx.log(f"{name}: done in {timings[name]:.0f} s ({len(names)} entries in all)")
     from medsec.evaluation.report import write_report
@@ -131,7 +152,7 @@ def reproduce(
         "wall_time_s": time.perf_counter() - start,
         "wall_time_per_entry_s": timings,
         "command": f"medsec reproduce --profile {profile_name} --dataset {dataset} "
-        f"--defences {','.join(names)} --arch {arch} --seed {seed}",
+        f"--defences {defences or 'all'} --arch {arch} --seed {seed}",
     }
     return write_report(ctx, rows, record)
 

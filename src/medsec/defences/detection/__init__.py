@@ -1,9 +1,10 @@
 """Detection defences (Ma et al. 2021; Li & Zhu 2020) and the informed attacker's loss terms.
 
-The study entries live in :mod:`medsec.defences.detection.study` (registered by import).
+Each detector's file holds its Detector and its registered Defence; the generic evaluator
+(medsec.evaluation.detection) fits, thresholds and attacks any of them.
 """
 
-from medsec.defences.detection.base import CLEAN_FPR, Detector, FlagAll, threshold_at_fpr
+from medsec.defences.detection.base import CLEAN_FPR, Detector, threshold_at_fpr
 from medsec.defences.detection.deepfeat import DeepFeatureDetector
 from medsec.defences.detection.kd_bu import KDBUDetector
 from medsec.defences.detection.lid import LIDDetector
@@ -13,7 +14,6 @@ __all__ = [
     "CLEAN_FPR",
     "DeepFeatureDetector",
     "Detector",
-    "FlagAll",
     "GaussianDetector",
     "KDBUDetector",
     "LIDDetector",

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from medsec.attacks import AttackSpec, Criterion, Objective, margin, run_attack
 from medsec.attacks.losses import LossTerm, Outputs
+from medsec.defences.base import FitData
 from medsec.defences.detection.base import Detector, Features, pooled
 
 AIM_QUANTILE = 0.5  # the attacker's target: scores below this quantile of clean scores
@@ -103,7 +104,7 @@ class Aimed:
         self.detector, self.aim = detector, aim
 
     def flags(self, x: Tensor) -> Tensor:
-        return (self.detector.score(x) > self.aim).to(x.device)
+        return (self.detector.score_samples(x) > self.aim).to(x.device)
 
 
 def detector_hinge(detector: Detector, hinge: Hinge) -> LossTerm:
@@ -168,6 +169,13 @@ class LayerGMMs:
             floor = self.floor_[name].to(f.device)[classes]
             total = total + torch.relu(floor - ll) / f.shape[1]
         return total / len(self.layers)
+
+
+def layer_gmms(detector: Detector, fit: FitData) -> LayerGMMs:
+    """GMMs of every named layer of the victim, fitted on the detector's reference images."""
+    _, feats = detector.extract(fit.x_ref)
+    layers = tuple(detector.victim.feature_names)
+    return LayerGMMs(layers).fit(feats, fit.y_ref, seed=fit.seed)
 
 
 def gmm_matching(gmms: LayerGMMs) -> LossTerm:

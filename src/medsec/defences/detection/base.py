@@ -1,7 +1,10 @@
-"""The detector interface shared by the detection defences (scikit-learn outlier habits).
+"""The detector interface shared by every detection defence (scikit-learn outlier habits).
 
-A detector watches a victim's deep features: ``fit`` learns from clean (and, for supervised
-detectors, adversarial) images, ``score(x)`` is higher for more suspicious inputs,
+A detector watches a victim's deep features. ``fit(x_clean, y_clean, x_adv=None)`` learns
+from clean training images and, for a ``supervised`` detector, the adversarial versions of
+the LAST ``len(x_adv)`` clean images (``x_adv[i]`` is ``x_clean[-len(x_adv) + i]`` attacked;
+the other clean images are the detector's reference, e.g. its densities, so fit images never
+score themselves). ``score_samples(x)`` is higher for more suspicious inputs,
 ``set_threshold`` fixes the threshold at a false-positive rate on clean validation images
 (5% by default, never changed afterwards), and ``flags(x)`` is what the deployed system does.
 ``score_features`` computes the score from one ``victim.forward_features`` pass; where it is
@@ -9,6 +12,8 @@ differentiable (``differentiable = True``) the adaptive attacker uses it directl
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,10 +44,12 @@ class Detector:
 
     name = "detector"
     differentiable = False
+    supervised = False  # fit needs adversarial examples
 
-    def __init__(self, victim: nn.Module, batch_size: int = 250) -> None:
+    def __init__(self, victim: nn.Module, batch_size: int = 250, seed: int = 0) -> None:
         self.victim = victim
         self.batch_size = batch_size
+        self.seed = seed
         self.threshold_: float | None = None
 
     @property
@@ -68,6 +75,20 @@ class Detector:
             feats.append({k: v.cpu() for k, v in fe.items()})
         return torch.cat(logits), {k: torch.cat([f[k] for f in feats]) for k in feats[0]}
 
+    def fit(self, x_clean: Tensor, y_clean: Tensor, x_adv: Tensor | None = None) -> dict[str, Any]:
+        """Learn from clean images (+ adversarial ones if supervised); returns fit facts."""
+        raise NotImplementedError
+
+    @staticmethod
+    def split(x_clean: Tensor, x_adv: Tensor | None) -> tuple[Tensor, Tensor]:
+        """(reference images, clean fit images): the clean images ``x_adv`` pairs with."""
+        n = 0 if x_adv is None else len(x_adv)
+        if n == 0:
+            return x_clean, x_clean[:0]
+        if n > len(x_clean):
+            raise MedsecError("more adversarial fit images than clean ones")
+        return x_clean[:-n], x_clean[-n:]
+
     def score_features(
         self, logits: Tensor, feats: Features, classes: Tensor | None = None
     ) -> Tensor:
@@ -80,7 +101,7 @@ class Detector:
         return self.score_features(logits, feats, classes)
 
     @torch.no_grad()
-    def score(self, x: Tensor) -> Tensor:
+    def score_samples(self, x: Tensor) -> Tensor:
         """Suspicion score of each image (higher = more likely adversarial), on CPU."""
         out = []
         for s in range(0, len(x), self.batch_size):
@@ -90,7 +111,7 @@ class Detector:
 
     def set_threshold(self, x_clean_val: Tensor, fpr: float = CLEAN_FPR) -> float:
         """Fix the threshold at ``fpr`` false positives on clean validation images."""
-        self.threshold_ = threshold_at_fpr(self.score(x_clean_val).numpy(), fpr)
+        self.threshold_ = threshold_at_fpr(self.score_samples(x_clean_val).numpy(), fpr)
         return self.threshold_
 
     @property
@@ -99,16 +120,13 @@ class Detector:
             raise MedsecError(f"{self.name}: threshold not set; call set_threshold first")
         return self.threshold_
 
+    def flagged(self, scores: Tensor) -> Tensor:
+        """Bool: which of these scores the deployed detector flags (the one rule)."""
+        return scores > self.threshold
+
     def flags(self, x: Tensor) -> Tensor:
         """Bool (N,): flagged as adversarial at the fixed threshold (on x's device)."""
-        return (self.score(x) > self.threshold).to(x.device)
-
-
-class FlagAll:
-    """A degenerate detector that flags every input (the joint criterion must give ASR 0)."""
-
-    def flags(self, x: Tensor) -> Tensor:
-        return torch.ones(len(x), dtype=torch.bool, device=x.device)
+        return self.flagged(self.score_samples(x)).to(x.device)
 
 
 def predicted_or(logits: Tensor, classes: Tensor | None) -> Tensor:
@@ -125,6 +143,19 @@ class CharacteristicDetector(Detector):
     """
 
     differentiable = True
+    supervised = True
+
+    def fit_reference(self, x_ref: Tensor, y_ref: Tensor, seed: int) -> None:
+        """Learn what the characteristics compare against (densities, a clean batch)."""
+        raise NotImplementedError
+
+    def fit(self, x_clean: Tensor, y_clean: Tensor, x_adv: Tensor | None = None) -> dict[str, Any]:
+        """Reference from the other clean images, then the regression on fit characteristics."""
+        if x_adv is None or len(x_adv) == 0:
+            raise MedsecError(f"{self.name} is supervised: fit needs adversarial images")
+        x_ref, x_fit = self.split(x_clean, x_adv)
+        self.fit_reference(x_ref, y_clean[: len(x_ref)], self.seed)
+        return self.fit_head(self.characteristics_of(x_fit), self.characteristics_of(x_adv))
 
     def characteristics(self, logits: Tensor, feats: Features, classes: Tensor | None) -> Tensor:
         raise NotImplementedError

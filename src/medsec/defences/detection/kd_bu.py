@@ -19,6 +19,10 @@ import math
 import torch
 from torch import Tensor, nn
 
+from medsec.attacks import LossTerm
+from medsec.data.base import Dataset
+from medsec.defences import BuildEnv, Defence, Deployed, FitData, register_defence
+from medsec.defences.detection.adaptive import Hinge, detector_hinge
 from medsec.defences.detection.base import CharacteristicDetector, Features, predicted_or
 
 BANDWIDTH = 1.0
@@ -58,12 +62,13 @@ class KDBUDetector(CharacteristicDetector):
         bandwidth: float = BANDWIDTH,
         mc_samples: int = MC_SAMPLES,
         batch_size: int = 250,
+        seed: int = 0,
     ) -> None:
-        super().__init__(victim, batch_size)
+        super().__init__(victim, batch_size, seed)
         self.bandwidth = bandwidth
         self.mc_samples = mc_samples
 
-    def fit_density(self, x_ref: Tensor, y_ref: Tensor) -> None:
+    def fit_reference(self, x_ref: Tensor, y_ref: Tensor, seed: int = 0) -> None:
         """Keep the penultimate features of clean reference (training) images per class."""
         _, feats = self.extract(x_ref)
         pen = feats["penultimate"].to(self.device)
@@ -100,3 +105,34 @@ class KDBUDetector(CharacteristicDetector):
         """Target-class KD and BU over 50 fresh dropout masks per call (EOT over masks)."""
         c = self.characteristics(logits, feats, classes, fresh=True)
         return self.head(c)
+
+
+def kd_bu_terms(det: KDBUDetector, fit: FitData) -> tuple[list[tuple[float, LossTerm]], str]:
+    """The detector's own score, hinged: target-class KD and BU over fresh masks (EOT)."""
+    hinge = Hinge.from_clean(det.score_samples(fit.x_val).numpy())
+    return (
+        [(1.0, detector_hinge(det, hinge))],
+        "LR(target-class KD, BU over 50 fresh dropout masks per step = EOT), hinged",
+    )
+
+
+@register_defence
+class MaKDBU(Defence):
+    name = "ma-kd-bu"
+    family = "detection"
+    paper = (
+        "Ma, Niu, Gu, Wang, Zhao, Bailey, Lu: Understanding adversarial attacks on deep "
+        "learning based medical image analysis systems, Pattern Recognition 2021"
+    )
+    summary = "kernel density + MC-dropout uncertainty, logistic regression"
+    assumptions = (
+        f"KD: per-class Gaussian KDE of penultimate training features, bandwidth {BANDWIDTH}, "
+        "log-density under the predicted class.",
+        f"BU: {MC_SAMPLES} MC-dropout passes of the head (the only dropout), masks re-seeded "
+        "per call when deployed, fresh for the attacker (EOT).",
+    )
+    working_eps = 1 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        det = KDBUDetector(victim, batch_size=env.batch_size, seed=env.seed)
+        return Deployed(victim, detector=det, attack_terms=kd_bu_terms)

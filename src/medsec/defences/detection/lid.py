@@ -15,6 +15,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from medsec.attacks import LossTerm
+from medsec.data.base import Dataset
+from medsec.defences import BuildEnv, Defence, Deployed, FitData, register_defence
+from medsec.defences.detection.adaptive import Hinge, detector_hinge, gmm_matching, layer_gmms
 from medsec.defences.detection.base import CharacteristicDetector, Features
 
 K_NEIGHBOURS = 20
@@ -39,16 +43,17 @@ class LIDDetector(CharacteristicDetector):
         k: int = K_NEIGHBOURS,
         minibatch: int = MINIBATCH,
         batch_size: int = 250,
+        seed: int = 0,
     ) -> None:
-        super().__init__(victim, batch_size)
+        super().__init__(victim, batch_size, seed)
         self.k = k
         self.minibatch = minibatch
 
-    def fit_reference(self, x_clean: Tensor, seed: int = 0) -> None:
+    def fit_reference(self, x_ref: Tensor, y_ref: Tensor, seed: int = 0) -> None:
         """Draw the fixed clean minibatch and keep its features for every layer."""
         gen = torch.Generator().manual_seed(seed)
-        pick = torch.randperm(len(x_clean), generator=gen)[: self.minibatch]
-        logits, feats = self.extract(x_clean[pick])
+        pick = torch.randperm(len(x_ref), generator=gen)[: self.minibatch]
+        logits, feats = self.extract(x_ref[pick])
         self.reference_ = {n: f.flatten(1).to(self.device) for n, f in feats.items()}
         self.reference_["logits"] = logits.to(self.device)
 
@@ -57,3 +62,30 @@ class LIDDetector(CharacteristicDetector):
         return torch.stack(
             [lid_mle(layers[n], ref, self.k) for n, ref in self.reference_.items()], 1
         )
+
+
+def lid_terms(det: LIDDetector, fit: FitData) -> tuple[list[tuple[float, LossTerm]], str]:
+    """Batch-LID differentiated directly + per-layer GMM feature matching, both hinged."""
+    hinge = Hinge.from_clean(det.score_samples(fit.x_val).numpy())
+    return (
+        [(1.0, detector_hinge(det, hinge)), (1.0, gmm_matching(layer_gmms(det, fit)))],
+        "LR(batch-LID of every layer) differentiated directly + per-layer GMM "
+        "feature matching (HFC), both hinged",
+    )
+
+
+@register_defence
+class MaLID(Defence):
+    name = "ma-lid"
+    family = "detection"
+    paper = "Ma et al., Pattern Recognition 2021 (LID after Ma et al., ICLR 2018)"
+    summary = f"local intrinsic dimensionality (k={K_NEIGHBOURS}), logistic regression"
+    assumptions = (
+        f"the minibatch of {MINIBATCH} clean neighbours is a fixed random sample of training "
+        f"images; LID (k = {K_NEIGHBOURS}) of every named layer and the logits.",
+    )
+    working_eps = 1 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        det = LIDDetector(victim, batch_size=env.batch_size, seed=env.seed)
+        return Deployed(victim, detector=det, attack_terms=lid_terms)

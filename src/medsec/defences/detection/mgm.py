@@ -11,10 +11,16 @@ the score is the mean over layers. Trained on clean data only; no adversarial ex
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from medsec.attacks import LossTerm
+from medsec.data.base import Dataset
+from medsec.defences import BuildEnv, Defence, Deployed, FitData, register_defence
+from medsec.defences.detection.adaptive import Hinge, detector_hinge
 from medsec.defences.detection.base import Detector, Features, pooled, predicted_or
 
 
@@ -41,13 +47,18 @@ class GaussianDetector(Detector):
     differentiable = True
 
     def __init__(
-        self, victim: nn.Module, layers: tuple[str, ...] | None = None, batch_size: int = 250
+        self,
+        victim: nn.Module,
+        layers: tuple[str, ...] | None = None,
+        batch_size: int = 250,
+        seed: int = 0,
     ) -> None:
-        super().__init__(victim, batch_size)
+        super().__init__(victim, batch_size, seed)
         self.layers = layers
 
-    def fit(self, x_clean: Tensor, y_clean: Tensor) -> dict[str, float]:
-        """Fit every layer's class Gaussians, then standardise distances on the same images."""
+    def fit(self, x_clean: Tensor, y_clean: Tensor, x_adv: Tensor | None = None) -> dict[str, Any]:
+        """Fit every layer's class Gaussians, then standardise distances on the same images
+        (unsupervised: ``x_adv`` is ignored)."""
         _, feats = self.extract(x_clean)
         self.layers_ = self.layers or tuple(feats)
         y = y_clean.numpy()
@@ -84,3 +95,30 @@ class GaussianDetector(Detector):
     ) -> Tensor:
         dist = self.layer_distances(feats, predicted_or(logits, classes))
         return torch.stack(list(dist.values()), 1).mean(1)
+
+
+def mgm_terms(det: GaussianDetector, fit: FitData) -> tuple[list[tuple[float, LossTerm]], str]:
+    """The Gaussian NLL of every monitored layer under the target class, hinged."""
+    hinge = Hinge.from_clean(det.score_samples(fit.x_val).numpy())
+    return (
+        [(1.0, detector_hinge(det, hinge))],
+        "Gaussian NLL of every monitored layer (target class), hinged",
+    )
+
+
+@register_defence
+class LiZhuMGM(Defence):
+    name = "li-zhu-mgm"
+    family = "detection"
+    paper = "Li & Zhu: Robust detection of adversarial attacks on medical images, ISBI 2020"
+    summary = "unsupervised Gaussian models of deep features"
+    assumptions = (
+        "per-class Ledoit-Wolf Gaussians of channel-mean stage features and the penultimate "
+        "layer; score = mean over layers of standardised squared Mahalanobis distance to the "
+        "predicted class; clean training data only.",
+    )
+    working_eps = 1 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        det = GaussianDetector(victim, batch_size=env.batch_size, seed=env.seed)
+        return Deployed(victim, detector=det, attack_terms=mgm_terms)

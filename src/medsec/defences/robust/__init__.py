@@ -2,8 +2,8 @@
 MedRDF, PGD adversarial training), each an nn.Module pipeline with its training function.
 
 Every pipeline takes images in [0, 1] and returns logits, with all preprocessing, randomness
-and voting inside, so an attack sees exactly what is deployed. ``study`` registers the five
-study entries (family ``robustification``); ``diagnostics`` holds the gradient-masking checks.
+and voting inside, so an attack sees exactly what is deployed. Each file also registers its
+Defence (family ``robustification``); the generic evaluator is medsec.evaluation.robust.
 """
 
 from medsec.defences.robust.common import RobustTrainConfig

@@ -1,21 +1,21 @@
-"""Shared training plumbing of the robustification defences: config, minibatches, caching."""
+"""Shared training plumbing of the robustification defences: config, minibatches, caching,
+and the papers' attack grid."""
 
 from __future__ import annotations
 
-import io
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from medsec.attacks import AttackSpec, preset
 from medsec.data.base import Dataset
+from medsec.defences.base import BuildEnv
 from medsec.models.training import evaluate
-from medsec.utils import atomic_write_bytes, atomic_write_json, seed_everything
+from medsec.utils import seed_everything
 
 
 @dataclass(frozen=True)
@@ -101,24 +101,25 @@ def fit(
     }
 
 
-def load_or_train(
-    path_pt: Path, model: nn.Module, train: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """Load ``model``'s weights from ``path_pt`` (+ ``.json`` record) or train and store both.
+def train_config(env: BuildEnv, epochs: int, lr: float) -> RobustTrainConfig:
+    """The study's training budget for one defence (batch 64, the study's seed)."""
+    return RobustTrainConfig(epochs=epochs, batch_size=64, lr=lr, seed=env.seed)
 
-    Callers put every setting that changes the weights into the file name.
-    """
-    meta_path = path_pt.with_suffix(".json")
-    if path_pt.exists() and meta_path.exists():
-        model.load_state_dict(torch.load(path_pt, map_location="cpu", weights_only=True))
-        model.eval()
-        meta = json.loads(meta_path.read_text())
-        meta["cached"] = True
-        return meta
-    meta = train()
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    atomic_write_bytes(path_pt, buf.getvalue())
-    atomic_write_json(meta_path, meta)
-    meta["cached"] = False
-    return meta
+
+def trained(
+    env: BuildEnv,
+    name: str,
+    model: nn.Module,
+    cfg: RobustTrainConfig,
+    train: Callable[[], dict[str, Any]],
+    settings: str = "",
+) -> dict[str, Any]:
+    """Train once through the study's artefact store; the artefact name holds the config and
+    the defence's own ``settings`` (cells key on it)."""
+    cfg_tag = "-".join(f"{v}" for v in cfg.record().values())
+    return env.store.trained(f"robust/{name}-{cfg_tag}{settings}", model, train)
+
+
+def paper_grid(eps: tuple[float, ...]) -> list[AttackSpec]:
+    """FGSM and PGD-20 at every study eps: the robustification papers' white-box attacks."""
+    return [preset(a, e) for a in ("fgsm", "pgd-20") for e in eps]

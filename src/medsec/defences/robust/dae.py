@@ -4,22 +4,19 @@ Pipeline: x -> DAE -> classifier. Trained jointly on
 reconstruction (MSE of DAE(x + noise) to the clean x) + feature invariance (MSE between the
 classifier's penultimate features of the denoised noisy image and of the denoised clean
 image) + cross-entropy (on the denoised noisy and denoised clean images).
-
-Assumed: Gaussian training noise sigma = 0.1; a small residual conv encoder-decoder (two
-stride-2 convs, two transposed convs, the output is x minus the predicted noise, clamped to
-[0, 1]); loss weights 1 (reconstruction), 0.1 (feature invariance), 1 (CE); the classifier
-starts from the undefended victim's weights, the DAE from scratch, Adam.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from medsec.data.base import Dataset
-from medsec.defences.robust.common import RobustTrainConfig, fit
+from medsec.defences import BuildEnv, Defence, Deployed, register_defence
+from medsec.defences.robust.common import RobustTrainConfig, fit, paper_grid, train_config, trained
 
 NOISE_SIGMA = 0.1
 WEIGHTS = {"reconstruction": 1.0, "feature_invariance": 0.1, "ce": 1.0}
@@ -90,3 +87,32 @@ def train_dae(
     rec = fit(model, data, cfg, loss_fn, device=device)
     rec.update(noise_sigma=NOISE_SIGMA, loss_weights=WEIGHTS)
     return rec
+
+
+@register_defence
+class DAE(Defence):
+    name = "dae"
+    paper = (
+        "Xue et al.: Improving robustness of medical image diagnosis with denoising "
+        "convolutional neural networks, MICCAI 2019"
+    )
+    summary = "denoising auto-encoder CNN in front of the classifier"
+    assumptions = (
+        f"Gaussian training noise sigma = {NOISE_SIGMA}",
+        "a small residual conv encoder-decoder (two stride-2 convs, two transposed convs, the "
+        "output is x minus the predicted noise, clamped to [0, 1])",
+        "loss weights " + ", ".join(f"{v:g} ({k})" for k, v in WEIGHTS.items()),
+        "the classifier starts from the undefended victim's weights, the DAE from scratch; "
+        "Adam for 3 epochs",
+    )
+    working_eps = 1 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        torch.manual_seed(env.seed)
+        model = DAEClassifier(DenoisingAutoEncoder(data.channels), copy.deepcopy(victim))
+        model = model.to(env.device)
+        cfg = train_config(env, epochs=3, lr=1e-3)
+        rec = trained(
+            env, self.name, model, cfg, lambda: train_dae(model, data, cfg, device=env.device)
+        )
+        return Deployed(model.eval(), paper_attacks=paper_grid(env.eps), transfer=True, record=rec)

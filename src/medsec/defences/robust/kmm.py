@@ -5,11 +5,6 @@ with learnable Psi (C x C, init identity), C centres c_j (rows of a C x C matrix
 U(0, 1)), betas (C, init 2.0), a kernel W (C x C) and bias b:
 h_j = ||Psi (f - c_j)||, out = exp(-beta * h) W + b. The mapped features are concatenated
 with the conv features before the next conv. The network is trained end to end.
-
-Assumed: the victim's small CNN with one mapping layer after stage2 and one after stage3
-(so stage3 and stage4 take 2C input channels); the concatenated half of those convs starts
-at zero and every other weight at the victim's, then all is fine-tuned end to end with Adam
-(a CPU budget instead of training from scratch). W starts Xavier-uniform, b at zero.
 """
 
 from __future__ import annotations
@@ -20,7 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from medsec.data.base import Dataset
-from medsec.defences.robust.common import RobustTrainConfig, fit
+from medsec.defences import BuildEnv, Defence, Deployed, register_defence
+from medsec.defences.robust.common import RobustTrainConfig, fit, paper_grid, train_config, trained
 from medsec.models.architectures import SmallCNN, Victim
 
 
@@ -142,3 +138,42 @@ def train_kmm(
         return nn.functional.cross_entropy(model(xb), yb)
 
     return fit(model, data, cfg, loss_fn, device=device)
+
+
+@register_defence
+class KMM(Defence):
+    name = "kmm"
+    paper = (
+        "Taghanaki, Abhishek, Azizi, Hamarneh: A kernelized manifold mapping to diminish the "
+        "effect of adversarial perturbations, CVPR 2019"
+    )
+    summary = "kernelized manifold mapping layers"
+    assumptions = (
+        "the victim's small CNN with one mapping layer after stage2 and one after stage3 (so "
+        "stage3 and stage4 take 2C input channels)",
+        "the concatenated half of those convs starts at zero and every other weight at the "
+        "victim's, then all is fine-tuned end to end with Adam for 3 epochs (a CPU budget "
+        "instead of training from scratch); W starts Xavier-uniform, b at zero",
+    )
+    working_eps = 0.5 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        if isinstance(victim, SmallCNN):
+            model = KMMNet.from_victim(victim, seed=env.seed)
+            start = "the victim's weights (mapped half of the next convs at zero)"
+        else:
+            torch.manual_seed(env.seed)
+            model = KMMNet(data.channels, data.num_classes)
+            start = "scratch (the victim is not a small-cnn)"
+        model = model.to(env.device)
+        cfg = train_config(env, epochs=3, lr=1e-3)
+        rec = trained(
+            env, self.name, model, cfg, lambda: train_kmm(model, data, cfg, device=env.device)
+        )
+        return Deployed(
+            model.eval(),
+            paper_attacks=paper_grid(env.eps),
+            record=rec,
+            notes=[f"KMM network trained end to end from {start}."],
+            diagnostics=model.saturation,
+        )

@@ -9,10 +9,6 @@ The noise comes from the module's own generator: ``reseed(seed)`` makes every fo
 forward pass (and so the vote) reproducible; without reseeding each call draws fresh noise,
 as deployed.
 
-Assumed: sigma = 0.05 and 25 votes (the paper's exact values were not available); ties go
-to the lower class index. The noise costs clean accuracy, measured and reported (fundus-lesion
-64 px: 0.932 -> 0.792).
-
 The vote (argmax + counting) has no gradient: the adaptive attacker differentiates
 :class:`MedRDFAttackView`, which replaces it by BPDA with the soft vote (log mean softmax
 over the noisy copies) on the backward pass, and averages over the noise with EOT.
@@ -24,10 +20,15 @@ import torch
 from torch import Tensor, nn
 
 from medsec.attacks import BPDA
+from medsec.data.base import Dataset
+from medsec.defences import BuildEnv, Defence, Deployed, register_defence
+from medsec.defences.robust.common import paper_grid
 
 SIGMA = 0.05
 VOTES = 25
 FLOOR = 1e-4
+EOT_SAMPLES = 10  # noise draws per attack step
+REPEATS = 5  # evaluations of the randomised vote (majority of runs decides success)
 
 
 class MajorityVote(nn.Module):
@@ -101,3 +102,35 @@ class MedRDFAttackView(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.vote(self.medrdf.noisy_logits(x, self.copies))
+
+
+@register_defence
+class MedRDFDefence(Defence):
+    name = "medrdf"
+    paper = (
+        "Xu, Zhang & Zhang: MedRDF: a robust and retrain-less diagnostic framework for "
+        "medical pretrained models against adversarial attack, IEEE TMI 2022 (arXiv 2021)"
+    )
+    summary = "noisy copies + majority vote, retrain-free"
+    assumptions = (
+        f"sigma = {SIGMA} and {VOTES} votes (the paper's exact values were not available)",
+        "ties go to the lower class index",
+        "the Robust Metric (vote share) is not used as a reject option",
+    )
+    working_eps = 1 / 255
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        model = MedRDF(victim, seed=env.seed)
+        return Deployed(
+            model.eval(),
+            paper_attacks=paper_grid(env.eps),
+            transfer=True,
+            attack_view=MedRDFAttackView(model, copies=1),
+            eot=EOT_SAMPLES,
+            repeats=REPEATS,
+            bpda="majority vote: exact forward, backward = gradient of log mean softmax of the "
+            "copies",
+            reseed=model.reseed,
+            record={"retrain_free": True, "sigma": model.sigma, "votes": model.votes},
+            max_images=100,
+        )

@@ -4,16 +4,11 @@ Each step takes a labelled batch (x, y) and an unlabelled batch u: pseudo-labels
 y_hat = argmax f(u), u_adv = FGSM(u, y_hat) with eps ~ U(0.001, 0.003), and
 loss = CE(f(x), y) + 3 * CE(f(u_adv), y_hat). The deployed pipeline is the trained
 classifier itself.
-
-Assumed: (1) the training split is halved into a labelled and an unlabelled part (labels of
-the second half are discarded); (2) one eps is drawn per batch (not per image); (3) the
-classifier starts from the undefended victim's weights (their ResNet-18 started from
-ImageNet weights) and is fine-tuned with Adam for a CPU budget instead of SGD for 10 epochs;
-(4) FGSM is the engine's one-step preset, run in eval mode on the current weights.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -21,9 +16,11 @@ from torch import nn
 
 from medsec.attacks import preset, run_attack
 from medsec.data.base import Dataset
-from medsec.defences.robust.common import RobustTrainConfig, fit
+from medsec.defences import BuildEnv, Defence, Deployed, register_defence
+from medsec.defences.robust.common import RobustTrainConfig, fit, paper_grid, train_config, trained
 
 EPS_RANGE = (0.001, 0.003)
+PAPER_EPS = (0.001, 0.002, 0.003)  # the FGSM budgets of the paper's own evaluation
 ADV_WEIGHT = 3.0
 
 
@@ -57,3 +54,31 @@ def train_ssat(
     rec = fit(model, data, cfg, loss_fn, device=device, x=x[:half], y=y[:half])
     rec.update(eps_range=list(EPS_RANGE), adv_weight=ADV_WEIGHT, labelled=half)
     return rec
+
+
+@register_defence
+class SSAT(Defence):
+    name = "ssat"
+    paper = (
+        "Li, Pan & Zhu: Defending against adversarial attacks on medical imaging AI system, "
+        "classification or detection?, ISBI 2021"
+    )
+    summary = "semi-supervised adversarial training"
+    assumptions = (
+        "the training split is halved into a labelled and an unlabelled part (labels of the "
+        "second half are discarded)",
+        "one eps is drawn per batch (not per image)",
+        "the classifier starts from the undefended victim's weights (theirs from ImageNet) and "
+        "is fine-tuned with Adam for 2 epochs (a CPU budget) instead of SGD for 10",
+        "FGSM is the engine's one-step preset, run in eval mode on the current weights",
+    )
+    working_eps = EPS_RANGE[1]
+
+    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
+        model = copy.deepcopy(victim).to(env.device)
+        cfg = train_config(env, epochs=2, lr=5e-4)
+        rec = trained(
+            env, self.name, model, cfg, lambda: train_ssat(model, data, cfg, device=env.device)
+        )
+        attacks = [preset("fgsm", e) for e in PAPER_EPS] + paper_grid(env.eps)
+        return Deployed(model.eval(), paper_attacks=attacks, record=rec)
