@@ -118,8 +118,9 @@ def _inflated_size(body: bytes, start: int, limit: int) -> int:
         raise Refusal(422, "corrupt", f"Deflated dataset cannot be inflated ({exc})") from exc
     if not inflater.eof:
         raise Refusal(422, "truncated", "Deflated dataset ends before its deflate stream does")
-    if inflater.unused_data or pos < len(body):
-        raise Refusal(422, "truncated", "bytes after the end of the Deflated dataset")
+    rest = inflater.unused_data + view[pos:].tobytes()
+    if rest not in (b"", b"\0"):  # one null pads an odd-length stream, as pydicom writes it
+        raise Refusal(422, "truncated", f"{len(rest)} byte(s) after the Deflated dataset")
     return size
 
 
