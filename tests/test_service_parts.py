@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydicom import dcmread
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
 from medsec.integrity import TrustStore, generate_signer, image_to_dicom, sign_dataset
@@ -183,3 +188,41 @@ def test_head_may_lag_the_log_but_must_match_it(tmp_path: Path):
     head.write_text(json.dumps({"lines": 2, "hash": "f" * 64}))
     check = verify_log(tmp_path / "audit.jsonl")
     assert check.bad_line == 2 and "head file" in check.reason
+
+
+def _deflated_upload(signer: tuple[Path, Path, TrustStore]) -> bytes:
+    ds = image_to_dicom(np.linspace(0, 1, 64 * 64, dtype=np.float32).reshape(64, 64), seed=3)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    return dataset_bytes(sign_dataset(ds, signer[0], signer[1]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    source=st.sampled_from(["plain", "deflated", "noise"]),
+    flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(1, 255)), max_size=3),
+    cut=st.integers(0, 64),
+    noise=st.binary(max_size=600),
+)
+def test_gate_never_crashes_and_never_accepts_a_changed_dataset(
+    signer, uploads, source: str, flips: list[tuple[float, int]], cut: int, noise: bytes
+):
+    """Random bytes and mutated signed files (flipped bytes, cut tails): the gate answers with
+    a Refusal or accepts, and accepts only when the dataset is still the signed one (the
+    preamble and file meta are not signed, so changes there may pass)."""
+    original = uploads[source] if source != "noise" else b"\0" * 128 + b"DICM" + noise
+    body = bytearray(original)
+    for where, xor in flips:
+        body[int(where * len(body))] ^= xor
+    del body[len(body) - cut :]  # a cut tail (0: none)
+    try:
+        checked = check_upload(bytes(body), ImagePolicy(signer[2], 1, 64))
+    except Refusal as refusal:
+        assert 400 <= refusal.http_status < 500 and "\n" not in refusal.reason
+        return
+    assert source != "noise" and checked.verification is not None and checked.verification.ok
+    assert dcmread(io.BytesIO(bytes(body))) == dcmread(io.BytesIO(original))
+
+
+@pytest.fixture(scope="module")
+def uploads(signer) -> dict[str, bytes]:
+    return {"plain": _upload(signer), "deflated": _deflated_upload(signer)}
