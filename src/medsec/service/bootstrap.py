@@ -42,7 +42,7 @@ port = 0
 max_body_bytes = 1048576       # larger uploads get 413
 max_inflated_bytes = 4194304   # a Deflated upload inflating beyond this gets 413, unparsed
 header_timeout_s = 10          # request line and headers must arrive within this
-body_timeout_s = 30            # the body must arrive within this (else 408)
+body_timeout_s = 20            # the body must arrive within this (else 408)
 max_connections = 64           # connections beyond this are closed at once (503)
 torch_threads = 1
 

@@ -68,7 +68,7 @@ class ServerSection(_Section):
     max_inflated_bytes: Positive = 4 << 20  # a Deflated upload may inflate to this much
     torch_threads: Positive = 1
     header_timeout_s: PositiveFloat = 10.0  # request line + headers must arrive within this
-    body_timeout_s: PositiveFloat = 30.0  # the whole body must arrive within this
+    body_timeout_s: PositiveFloat = 20.0  # the whole body must arrive within this
     max_connections: Positive = 64  # beyond this, new connections are closed at once
 
 
