@@ -255,7 +255,9 @@ def test_connections_beyond_the_cap_are_closed_at_once(svc: Svc, served: tuple[s
     try:
         with _tls(svc, url) as extra:
             reply = _read_all(extra)
-        assert reply.startswith(b"HTTP/1.1 503") and b"too many open connections" in reply
+        head, _, text = reply.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and text.startswith(b"too many open connections")
+        assert f"content-length: {len(text)}\r\n".encode() in head + b"\r\n"
     finally:
         for sock in idle:
             sock.close()

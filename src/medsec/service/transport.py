@@ -16,9 +16,10 @@ from typing import Any
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("medsec.service")
+_BUSY_TEXT = b"too many open connections; try again later"
 _BUSY = (
     b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n"
-    b"content-length: 35\r\nconnection: close\r\n\r\ntoo many open connections; try again"
+    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT)
 )
 
 
