@@ -52,13 +52,16 @@ key = "tls/server_key.pem"
 # client_ca = "tls/ca_cert.pem"   # uncomment to require client certificates (mutual TLS)
 
 [model]
+# the checkpoint, its detached signature (refused at start if invalid), the certificates of
+# trusted model signers and the checkpoint's SHA-256 (pinned)
 checkpoint = ""
-manifest = ""     # detached signature; refused at start if invalid
-trust = "model_trust"           # certificates of trusted model signers
+manifest = ""
+trust = "model_trust"
 sha256 = ""
 
 [images]
-trust = ""                      # certificates of trusted modalities (or their CA)
+# certificates of trusted modalities (or their CA)
+trust = ""
 require_signature = true
 require_creator = true          # DICOM Creator RSA profile
 allow_unsigned_elements = false
