@@ -194,8 +194,10 @@ def init_service_dir(
 ) -> InitResult:
     """Create ``out`` (new or empty) with everything ``medsec serve`` needs and ``keys_out``
     (default ``<out>-keys``) with the signing keys; all or nothing."""
-    out, checkpoint = Path(out), Path(checkpoint)
-    keys = Path(keys_out) if keys_out is not None else out.with_name(out.name + "-keys")
+    out, checkpoint = Path(os.path.abspath(out)), Path(checkpoint)  # "." has no parent to use
+    if out == out.parent:
+        raise MedsecError(f"--out {out}: choose a directory below the file system root")
+    keys = Path(os.path.abspath(keys_out or out.with_name(out.name + "-keys")))
     trust = Path(image_trust) if image_trust is not None else None
     check_client_name(client)
     _check_inputs(out, keys, checkpoint, host, port, trust)
