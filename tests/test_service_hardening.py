@@ -35,6 +35,7 @@ from medsec.service.app import ServiceState
 from medsec.service.bootstrap import init_service_dir
 from medsec.service.config import ServiceConfig, load_config
 from medsec.service.server import build_state
+from medsec.service.tls import make_tls_material
 from test_service import _checkpoint, _image, _post, _with, main, running
 
 MAX_BODY = 64 * 1024
@@ -372,3 +373,27 @@ def test_signing_keys_stay_out_of_the_service_directory(svc: Svc, tmp_path: Path
     inside = ["--out", str(tmp_path / "svc2"), "--keys-out", str(tmp_path / "svc2" / "keys")]
     assert main(_init(tmp_path, *inside)) == 2
     assert "must lie outside" in _one_line_error(capsys)
+
+
+def test_operator_tls_certificate_replaces_the_generated_ca(tmp_path: Path, capsys):
+    _checkpoint(tmp_path / "m.pt")
+    pki = make_tls_material(tmp_path / "pki", ["127.0.0.1"])  # the hospital's CA and server
+    other = make_tls_material(tmp_path / "other", ["127.0.0.1"])
+    mismatched = ["--tls-cert", str(pki["server_cert"]), "--tls-key", str(other["server_key"])]
+    assert main(_init(tmp_path, *mismatched)) == 2
+    assert "unusable" in _one_line_error(capsys)
+    assert not (tmp_path / "svc").exists() and not (tmp_path / "svc-keys").exists()
+    pair = ["--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"])]
+    assert main(_init(tmp_path, *pair)) == 0
+    assert "TLS CA:" not in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "svc" / "tls").iterdir()) == [
+        "server_cert.pem",
+        "server_key.pem",
+    ]
+    assert not (tmp_path / "svc-keys" / "tls_ca").exists()  # no CA was made, so no CA key
+    assert (tmp_path / "svc" / "tls" / "server_key.pem").stat().st_mode & 0o777 == 0o600
+    state = build_state(load_config(tmp_path / "svc" / "config.toml"))
+    hospital = ssl.create_default_context(cafile=str(pki["ca_cert"]))
+    with running(state) as url:
+        assert httpx.get(url + "/healthz", verify=hospital, timeout=10).status_code == 200
+    state.audit.close()

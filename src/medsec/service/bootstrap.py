@@ -27,7 +27,7 @@ from medsec.integrity.keys import SIGNER_CERT_FILE, SIGNER_KEY_FILE, generate_si
 from medsec.service.access import hash_token, new_token
 from medsec.service.config import CLIENT_NAME, HOST, parse_config
 from medsec.service.model_integrity import sign_checkpoint
-from medsec.service.tls import make_tls_material
+from medsec.service.tls import CA_CERT, install_server_pair, make_tls_material
 
 # Valid TOML whose comments document the service; init fills in the values with tomlkit, which
 # quotes and escapes them (a value can never open a table). No user input goes in a comment.
@@ -89,7 +89,7 @@ class InitResult:
 
     config: Path
     token: str
-    ca_cert: Path
+    ca_cert: Path | None  # the generated CA clients trust; None with the operator's certificate
     keys: Path
     modality_key: Path | None
     modality_cert: Path | None
@@ -139,15 +139,28 @@ def _render(values: dict[str, dict[str, object]], clients: dict[str, object], ba
     return text
 
 
-def _build(
-    svc: Path, keys: Path, checkpoint: Path, host: str, port: int, client: str, trust: Path | None
-) -> tuple[str, bool]:
-    """Fill the (temporary) service and keys directories; returns the token and whether a
-    demo modality signer was made."""
+@dataclass(frozen=True)
+class _Plan:
+    """What the user asked for, checked."""
+
+    checkpoint: Path
+    host: str
+    port: int
+    client: str
+    image_trust: Path | None
+    tls: tuple[Path, Path] | None  # the operator's server certificate and key
+
+
+def _build(svc: Path, keys: Path, plan: _Plan) -> str:
+    """Fill the (temporary) service and keys directories; returns the token."""
+    checkpoint, trust = plan.checkpoint, plan.image_trust
     data = checkpoint.read_bytes()
-    make_tls_material(svc / "tls", list(dict.fromkeys([host, "localhost", "127.0.0.1"])),
-                      ca_key_dir=keys / "tls_ca")  # fmt: skip
-    shutil.copyfile(svc / "tls" / "ca_cert.pem", keys / "tls_ca" / "ca_cert.pem")
+    if plan.tls is not None:
+        install_server_pair(*plan.tls, svc / "tls")
+    else:
+        hosts = list(dict.fromkeys([plan.host, "localhost", "127.0.0.1"]))
+        make_tls_material(svc / "tls", hosts, ca_key_dir=keys / "tls_ca")
+        shutil.copyfile(svc / "tls" / CA_CERT, keys / "tls_ca" / CA_CERT)
     (svc / "model").mkdir()
     model_copy = svc / "model" / checkpoint.name
     model_copy.write_bytes(data)
@@ -162,7 +175,7 @@ def _build(
         shutil.copyfile(modality_cert, svc / "image_trust" / modality_cert.name)
     token = new_token()
     values: dict[str, dict[str, object]] = {
-        "server": {"host": host, "port": port},
+        "server": {"host": plan.host, "port": plan.port},
         "model": {
             "checkpoint": f"model/{checkpoint.name}",
             "manifest": f"model/{manifest.name}",
@@ -170,12 +183,12 @@ def _build(
         },
         "images": {"trust": "image_trust" if trust is None else str(trust.resolve())},
     }
-    text = _render(values, {"name": client, "token_sha256": hash_token(token)}, svc)
+    text = _render(values, {"name": plan.client, "token_sha256": hash_token(token)}, svc)
     try:
         (svc / "config.toml").write_bytes(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise MedsecError("the checkpoint and trust paths must be valid UTF-8") from exc
-    return token, trust is None
+    return token
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -191,9 +204,11 @@ def init_service_dir(
     client: str = "default",
     image_trust: Path | None = None,
     keys_out: Path | None = None,
+    tls: tuple[Path, Path] | None = None,
 ) -> InitResult:
     """Create ``out`` (new or empty) with everything ``medsec serve`` needs and ``keys_out``
-    (default ``<out>-keys``) with the signing keys; all or nothing."""
+    (default ``<out>-keys``) with the signing keys; all or nothing. ``tls`` is the operator's
+    server (certificate, key); without it a TLS CA is made, its key going to ``keys_out``."""
     out, checkpoint = Path(os.path.abspath(out)), Path(checkpoint)  # "." has no parent to use
     if out == out.parent:
         raise MedsecError(f"--out {out}: choose a directory below the file system root")
@@ -201,6 +216,7 @@ def init_service_dir(
     trust = Path(image_trust) if image_trust is not None else None
     check_client_name(client)
     _check_inputs(out, keys, checkpoint, host, port, trust)
+    plan = _Plan(checkpoint, host, port, client, trust, tls)
     created = list(dict.fromkeys(_missing_parents(out) + _missing_parents(keys)))
     temps: list[Path] = []
     placed: list[Path] = []
@@ -211,7 +227,7 @@ def init_service_dir(
         temps.append(svc_tmp)
         keys_tmp = Path(tempfile.mkdtemp(prefix=f".{keys.name}.", dir=keys.parent))
         temps.append(keys_tmp)
-        token, demo = _build(svc_tmp, keys_tmp, checkpoint, host, port, client, trust)
+        token = _build(svc_tmp, keys_tmp, plan)
         for tmp, final in ((keys_tmp, keys), (svc_tmp, out)):
             os.replace(tmp, final)  # an empty directory is replaced; a non-empty one refuses
             placed.append(final)
@@ -229,8 +245,8 @@ def init_service_dir(
     return InitResult(
         config=out / "config.toml",
         token=token,
-        ca_cert=out / "tls" / "ca_cert.pem",
+        ca_cert=out / "tls" / CA_CERT if tls is None else None,
         keys=keys,
-        modality_key=keys / "modality" / SIGNER_KEY_FILE if demo else None,
-        modality_cert=keys / "modality" / SIGNER_CERT_FILE if demo else None,
+        modality_key=keys / "modality" / SIGNER_KEY_FILE if trust is None else None,
+        modality_cert=keys / "modality" / SIGNER_CERT_FILE if trust is None else None,
     )

@@ -37,6 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from medsec.service.bootstrap import init_service_dir
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MedsecError("give --tls-cert and --tls-key together (or neither)")
     result = init_service_dir(
         Path(args.out),
         Path(args.checkpoint),
@@ -45,10 +47,12 @@ def _init(args: argparse.Namespace) -> int:
         client=args.client,
         image_trust=Path(args.image_trust) if args.image_trust else None,
         keys_out=Path(args.keys_out) if args.keys_out else None,
+        tls=(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None,
     )
     print(f"config:   {result.config}")
-    print(f"TLS CA:   {result.ca_cert} (clients trust this certificate)")
-    print(f"keys:     {result.keys} (model signer, TLS CA key: keep them off the service host)")
+    if result.ca_cert is not None:
+        print(f"TLS CA:   {result.ca_cert} (clients trust this certificate)")
+    print(f"keys:     {result.keys} (signing keys: keep them off the service host)")
     if result.modality_key is not None:
         print(
             f"modality: sign images with --key {result.modality_key} --cert {result.modality_cert}"
@@ -118,6 +122,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--keys-out",
         help="new directory for the signing keys, outside the service (default OUT-keys)",
     )
+    init.add_argument("--tls-cert", help="the operator's server certificate (PEM) to use")
+    init.add_argument("--tls-key", help="its private key (PEM); with --tls-cert, no CA is made")
     init.set_defaults(func=_init)
 
     token = actions.add_parser("token", help="new API token and its config entry")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -130,3 +131,16 @@ def make_tls_material(
     for client in clients:
         leaf(client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     return paths
+
+
+def install_server_pair(cert: Path, key: Path, out_dir: Path) -> None:
+    """Copy an operator's server certificate and key (from the hospital's PKI) into ``out_dir``
+    as server_cert.pem and server_key.pem (0600), once they load as a usable pair."""
+    try:  # an empty password: an encrypted key fails here instead of prompting on a terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    except (OSError, ssl.SSLError) as exc:
+        raise MedsecError(f"TLS certificate {cert} / key {key} unusable ({exc})") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _create(out_dir / "server_key.pem", key_pem, 0o600)
+    _create(out_dir / "server_cert.pem", cert_pem, 0o644)
