@@ -94,7 +94,8 @@ def _dataset_start(body: bytes) -> tuple[int, str | None]:
         meta = read_dataset(fp, False, True, stop_when=lambda tag, *_: tag >> 16 != 2)
         syntax = meta.get("TransferSyntaxUID")
     except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
-        raise Refusal(422, "corrupt", f"DICOM file meta cannot be parsed ({exc})") from exc
+        reason = f"DICOM file meta cannot be parsed ({type(exc).__name__}: {exc!s:.100})"
+        raise Refusal(422, "corrupt", reason) from exc
     return fp.tell(), None if syntax is None else str(syntax)
 
 
