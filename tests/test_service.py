@@ -492,6 +492,11 @@ def test_refuses_to_start_on_broken_audit_log_or_bad_tls(env: Env, capsys):
     log.write_text('{"seq": 1, "prev": "x", "hash": "y"}\n')
     assert "broken at line 1" in _serve_fails(config, capsys)
 
+    config = _fresh_dir(env, "auditunderfile")
+    text = config.read_text().replace('path = "audit/audit.jsonl"', 'path = "config.toml/a.jsonl"')
+    config.write_text(text)
+    assert "cannot open" in _serve_fails(config, capsys)
+
     config = _fresh_dir(env, "badtls")
     (config.parent / "tls" / "server_key.pem").write_text("not a key\n")
     assert "TLS certificate" in _serve_fails(config, capsys)
