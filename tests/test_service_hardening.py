@@ -259,9 +259,19 @@ def _slow_and_vanishing(svc: Svc, url: str, state: ServiceState) -> None:
     assert entries[1]["code"] == "client_closed"
 
 
-def test_connections_beyond_the_cap_are_closed_at_once(svc: Svc, served: tuple[str, ServiceState]):
-    url, _ = served
-    idle = [_tls(svc, url) for _ in range(svc.config.server.max_connections)]
+def test_connections_beyond_the_cap_are_closed_at_once(svc: Svc, tmp_path: Path):
+    # idle connections must outlive the set-up here, so a header deadline longer than it takes
+    config = _with(svc.config, server={"header_timeout_s": 30.0}, audit={"path": tmp_path / "a"})
+    state = build_state(config)
+    try:
+        with running(state) as url:
+            _fill_and_refuse(svc, url, config.server.max_connections)
+    finally:
+        state.audit.close()
+
+
+def _fill_and_refuse(svc: Svc, url: str, cap: int) -> None:
+    idle = [_tls(svc, url) for _ in range(cap)]
     try:
         with _tls(svc, url) as extra:
             reply = _read_all(extra)
@@ -275,11 +285,12 @@ def test_connections_beyond_the_cap_are_closed_at_once(svc: Svc, served: tuple[s
     while True:
         try:
             with httpx.Client(base_url=url, verify=svc.ca, timeout=5) as c:
-                assert c.get("/healthz").status_code == 200
-            break
+                if c.get("/healthz").status_code == 200:
+                    return
         except httpx.TransportError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+            pass
+        assert time.monotonic() < deadline, "the connection slots did not come back"
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------ serve init (items 5-9)
