@@ -3,9 +3,10 @@
 1. Deflate bombs: ``--bombs`` uploads (default 40, one token's burst) of a ~1 MB Deflated DICOM
    that would inflate to ``--bomb-mb`` (default 1024) MB; the server's resident memory is
    sampled throughout (target: peak within +100 MB of its idle size).
-2. Slow clients: ``--slow`` connections that send half a request header and stop, slow bodies,
-   and clients that hang up mid-body; reports how long the server held them, how many audit
-   entries are status 500 (target 0) and how many tracebacks reached its log (target 0).
+2. Slow clients: ``--slow`` connections that never start TLS, as many that send half a request
+   header and stop, a slow body, and clients that hang up mid-body; reports how long the server
+   held them, how many audit entries are status 500 (target 0) and how many tracebacks reached
+   its log (target 0).
 
 Run: ``python benchmarks/service_attack.py`` (about a minute; loopback only).
 """
@@ -75,7 +76,7 @@ def tls(port: int, ca: ssl.SSLContext) -> ssl.SSLSocket:
     return ca.wrap_socket(raw, server_hostname="127.0.0.1")
 
 
-def held(socks: list[tuple[ssl.SSLSocket, float]], limit: float = 120) -> list[float]:
+def held(socks: list[tuple[socket.socket, float]], limit: float = 120) -> list[float]:
     """For each (socket, opened at), seconds until the server closed it (watched together)."""
     sel = selectors.DefaultSelector()
     for sock, opened in socks:
@@ -166,6 +167,14 @@ def main() -> None:
         print(f"server RSS: idle {idle:.0f} MB, peak {peak:.0f} MB (+{peak - idle:.0f} MB), "
               f"after {rss_mb(server.pid):.0f} MB")  # fmt: skip
 
+        # mute clients: TCP connections that never start the TLS handshake
+        mute = [(socket.create_connection(("127.0.0.1", port)), time.monotonic())
+                for _ in range(args.slow)]  # fmt: skip
+        times = sorted(held(mute))
+        for s, _ in mute:
+            s.close()
+        print(f"no TLS handshake: {len(times)} connections, closed after {times[0]:.1f} to "
+              f"{times[-1]:.1f} s")  # fmt: skip
         # slow headers: hold half a request line each
         socks = []
         for _ in range(args.slow):

@@ -4,6 +4,7 @@ it writes, refuse bad ports and keep the signing keys out of the service directo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -228,6 +229,12 @@ def test_slow_and_vanishing_clients_are_cut_off_and_never_a_500(
 
 
 def _slow_and_vanishing(svc: Svc, url: str, state: ServiceState) -> None:
+    # a TCP connection that never starts its TLS handshake: dropped after the same deadline
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=10) as mute:
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):  # a reset is a close too
+            assert mute.recv(100) == b""
+        assert 0.3 < time.monotonic() - started < 5
     # headers that never finish: the connection is closed after header_timeout_s
     with _tls(svc, url) as slow:
         slow.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")

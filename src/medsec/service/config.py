@@ -67,7 +67,7 @@ class ServerSection(_Section):
     max_body_bytes: Positive = 1 << 20
     max_inflated_bytes: Positive = 4 << 20  # a Deflated upload may inflate to this much
     torch_threads: Positive = 1
-    header_timeout_s: PositiveFloat = 10.0  # request line + headers must arrive within this
+    header_timeout_s: PositiveFloat = 10.0  # TLS handshake, then headers, each within this
     body_timeout_s: PositiveFloat = 20.0  # the whole body must arrive within this
     max_connections: Positive = 64  # beyond this, new connections are closed at once
 

@@ -20,7 +20,7 @@ from medsec.service.audit import AuditLog
 from medsec.service.config import ServiceConfig
 from medsec.service.gate import ImagePolicy
 from medsec.service.model_integrity import load_verified_model
-from medsec.service.transport import guarded
+from medsec.service.transport import GuardedServer, guarded
 
 
 def _check_tls(config: ServiceConfig) -> None:
@@ -72,11 +72,11 @@ def build_state(config: ServiceConfig, verify_images: bool = True) -> ServiceSta
     )
 
 
-def make_server(state: ServiceState, log_level: str = "info") -> uvicorn.Server:
+def make_server(state: ServiceState, log_level: str = "info") -> GuardedServer:
     """A uvicorn server for ``state`` with TLS (and client certificates when configured),
-    a deadline for request headers and a cap on open connections."""
+    a deadline for the TLS handshake and for request headers, and a cap on open connections."""
     cfg = state.config
-    return uvicorn.Server(
+    return GuardedServer(
         uvicorn.Config(
             create_app(state),
             host=cfg.server.host,
@@ -90,7 +90,8 @@ def make_server(state: ServiceState, log_level: str = "info") -> uvicorn.Server:
             access_log=False,  # the audit log records every request
             server_header=False,
             timeout_keep_alive=5,
-        )
+        ),
+        handshake_timeout_s=cfg.server.header_timeout_s,
     )
 
 

@@ -1,18 +1,23 @@
-"""uvicorn's HTTP/1.1 (h11) protocol with the two limits uvicorn lacks against slow clients.
+"""uvicorn with the limits it lacks against slow clients.
 
 uvicorn closes idle keep-alive connections but has no deadline for a request's headers and no
 hard cap on open connections (its ``limit_concurrency`` answers 503 only once a request has
-arrived), so a client that trickles header bytes holds a socket for ever. This subclass adds
-both, per connection, with the event loop's timers; the body deadline is the app's
-(:func:`medsec.service.app.create_app`), where a late body is audited as a 408.
+arrived), so a client that trickles header bytes holds a socket for ever; and it leaves the
+TLS handshake to asyncio's 60 s default. :class:`GuardedH11Protocol` adds the header deadline
+and the cap per connection with the event loop's timers; :class:`GuardedServer` runs on a loop
+whose TLS servers give up on a handshake after the same deadline. The body deadline is the
+app's (:func:`medsec.service.app.create_app`), where a late body is audited as a 408.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import socket
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger("medsec.service")
@@ -84,3 +89,30 @@ def guarded(header_timeout_s: float, max_connections: int) -> type[GuardedH11Pro
     """A protocol class for ``uvicorn.Config(http=...)`` with these limits."""
     limits = {"header_timeout_s": header_timeout_s, "max_connections": max_connections}
     return type("GuardedH11Protocol", (GuardedH11Protocol,), limits)
+
+
+class _HandshakeDeadlineLoop(asyncio.SelectorEventLoop):
+    """An event loop whose TLS servers drop a client that has not finished its handshake
+    within ``handshake_timeout_s`` (uvicorn passes no timeout, so asyncio's 60 s would hold)."""
+
+    def __init__(self, handshake_timeout_s: float) -> None:
+        super().__init__()
+        self._handshake_timeout_s = handshake_timeout_s
+
+    async def create_server(self, *args: Any, **kwargs: Any) -> asyncio.Server:  # type: ignore[override]
+        if kwargs.get("ssl") is not None:
+            kwargs.setdefault("ssl_handshake_timeout", self._handshake_timeout_s)
+        return await super().create_server(*args, **kwargs)
+
+
+class GuardedServer(uvicorn.Server):
+    """A uvicorn server whose TLS handshakes have a deadline (:class:`_HandshakeDeadlineLoop`)."""
+
+    def __init__(self, config: uvicorn.Config, handshake_timeout_s: float) -> None:
+        super().__init__(config)
+        self.handshake_timeout_s = handshake_timeout_s
+
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        factory = functools.partial(_HandshakeDeadlineLoop, self.handshake_timeout_s)
+        with asyncio.Runner(loop_factory=factory) as runner:
+            runner.run(self.serve(sockets=sockets))
