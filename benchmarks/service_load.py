@@ -17,7 +17,6 @@ Last line: ``errors=<n> lost_audit=<n> p95_ms=<x> verify_overhead=<r>`` (targets
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import multiprocessing as mp
 import ssl
 import statistics
@@ -136,7 +135,12 @@ def main() -> int:
         ]
         verified = build_state(config)
         plain = build_state(
-            dataclasses.replace(config, audit_path=root / "plain-audit.jsonl"), verify_images=False
+            config.model_copy(
+                update={
+                    "audit": config.audit.model_copy(update={"path": root / "plain-audit.jsonl"})
+                }
+            ),
+            verify_images=False,
         )
         servers = {name: _serve(st) for name, st in (("verified", verified), ("plain", plain))}
         ctx = mp.get_context("spawn")

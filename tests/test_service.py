@@ -9,7 +9,6 @@ clean original is accepted.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -111,6 +111,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Env:
     )
 
 
+def _with(config: ServiceConfig, **sections: dict[str, Any]) -> ServiceConfig:
+    """``config`` with some keys of some sections replaced."""
+    update = {k: getattr(config, k).model_copy(update=v) for k, v in sections.items()}
+    return config.model_copy(update=update)
+
+
 @contextmanager
 def running(state: ServiceState) -> Iterator[str]:
     """Serve ``state`` with uvicorn in a thread; yields the https base URL."""
@@ -193,7 +199,7 @@ def test_signed_image_is_accepted_and_prediction_is_the_models(env: Env, client:
         want = torch.softmax(env.model(x), 1)[0].numpy()
     assert body["prediction"]["label"] == int(want.argmax())
     np.testing.assert_allclose(body["prediction"]["probabilities"], want, atol=1e-5)
-    assert body["model_sha256"] == env.config.model_sha256
+    assert body["model_sha256"] == env.config.model.sha256
 
 
 def test_health_is_open_everything_else_needs_a_token(env: Env, client: httpx.Client):
@@ -362,7 +368,7 @@ def test_concurrent_requests_are_all_answered_and_audited(
         t.join()
     assert sorted(set(statuses)) == [200, 415] and len(statuses) == 36
     assert state.audit.lines - before == 36
-    check = verify_log(env.config.audit_path)
+    check = verify_log(env.config.audit.path)
     assert check.ok and check.lines == state.audit.lines
 
 
@@ -373,14 +379,14 @@ def test_audit_log_records_decisions_and_cli_detects_edits(
     _post(client, dataset_bytes(ds), env.token)
     _post(client, b"", None)
     assert client.get("/healthz").status_code == 200  # the service is still up
-    lines = env.config.audit_path.read_text().splitlines()
+    lines = env.config.audit.path.read_text().splitlines()
     last, accepted = json.loads(lines[-1]), json.loads(lines[-2])
     assert last["status"] == 401 and last["client"] is None
     assert accepted["status"] == 200 and accepted["client"] == "alice"
     assert accepted["sop_instance_uid"] == ds.SOPInstanceUID
     assert accepted["verification"]["status"] == "VERIFIED"
     assert accepted["prediction"]["label"] in (0, 1)
-    assert accepted["model_sha256"] == env.config.model_sha256
+    assert accepted["model_sha256"] == env.config.model.sha256
     assert last["prev"] == accepted["hash"]
 
     def verify_copy(mutated: list[str]) -> tuple[int, str]:
@@ -401,7 +407,7 @@ def test_audit_log_records_decisions_and_cli_detects_edits(
     code, out = verify_copy([lines[0], lines[2], lines[1], *lines[3:]])
     assert code == 1 and "line 2" in out
     # a cut-off tail is caught through the head file next to the log
-    shutil.copy(f"{env.config.audit_path}.head", tmp_path / "copy.jsonl.head")
+    shutil.copy(f"{env.config.audit.path}.head", tmp_path / "copy.jsonl.head")
     state = service[1]
     assert len(lines) == state.audit.lines
     code, out = verify_copy(lines[:-2])
@@ -421,12 +427,10 @@ def test_plain_http_and_unknown_ca_are_refused(env: Env, service: tuple[str, Ser
 
 def test_mutual_tls_requires_a_client_certificate(env: Env, tmp_path: Path):
     tls = make_tls_material(tmp_path / "tls", ["127.0.0.1"], clients=["gateway"])
-    config = dataclasses.replace(
+    config = _with(
         env.config,
-        tls_cert=tls["server_cert"],
-        tls_key=tls["server_key"],
-        tls_client_ca=tls["ca_cert"],
-        audit_path=tmp_path / "audit.jsonl",
+        tls={"cert": tls["server_cert"], "key": tls["server_key"], "client_ca": tls["ca_cert"]},
+        audit={"path": tmp_path / "audit.jsonl"},
     )
     state = build_state(config)
     ca = ssl.create_default_context(cafile=str(tls["ca_cert"]))
@@ -488,6 +492,11 @@ def test_refuses_to_start_on_broken_audit_log_or_bad_tls(env: Env, capsys):
     log.write_text('{"seq": 1, "prev": "x", "hash": "y"}\n')
     assert "broken at line 1" in _serve_fails(config, capsys)
 
+    config = _fresh_dir(env, "auditunderfile")
+    text = config.read_text().replace('path = "audit/audit.jsonl"', 'path = "config.toml/a.jsonl"')
+    config.write_text(text)
+    assert "cannot open" in _serve_fails(config, capsys)
+
     config = _fresh_dir(env, "badtls")
     (config.parent / "tls" / "server_key.pem").write_text("not a key\n")
     assert "TLS certificate" in _serve_fails(config, capsys)
@@ -546,7 +555,7 @@ def test_cli_init_prints_the_token_once_and_stores_only_its_hash(env: Env, tmp_p
     config_text = (out / "config.toml").read_text()
     assert token not in config_text and hash_token(token) in config_text
     assert f"medsec serve --config {out / 'config.toml'}" in printed
-    assert load_config(out / "config.toml").model_sha256 == env.config.model_sha256
+    assert load_config(out / "config.toml").model.sha256 == env.config.model.sha256
     assert main(["serve", "init", "--out", str(out), "--checkpoint", "x.pt"]) == 2  # not empty
     assert "not empty" in capsys.readouterr().err
     assert main(["serve", "token", "--name", "ward-7"]) == 0
@@ -557,7 +566,10 @@ def test_cli_init_prints_the_token_once_and_stores_only_its_hash(env: Env, tmp_p
 
 
 def test_unauthenticated_floods_are_throttled_per_address(env: Env, tmp_path: Path):
-    config = dataclasses.replace(env.config, burst=3, audit_path=tmp_path / "audit.jsonl")
+    # no refill during the test: a refused request closes its connection (its body is not
+    # read), so each one pays a new TLS handshake
+    limits = {"burst": 3, "rate_per_s": 0.001}
+    config = _with(env.config, rate_limit=limits, audit={"path": tmp_path / "audit.jsonl"})
     state = build_state(config)
     with running(state) as url, httpx.Client(base_url=url, verify=env.ca, timeout=30) as c:
         codes = [_post(c, b"x", "msk_guess").status_code for _ in range(5)]

@@ -1,5 +1,6 @@
 """Checkpoints that say what they are: architecture, data hash, metrics, and a SHA-256 of the
-weights that is checked on every load (a swapped or corrupted model is refused)."""
+weights that is checked on every load (a corrupted model is refused; a swapped one is refused
+only by a signature over the file, as the service checks, since a swapper recomputes this)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ request fails (500), so no prediction is ever served unaudited.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -20,12 +21,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from medsec.integrity import VerificationResult
 from medsec.models import Victim
 from medsec.service.access import Authenticator, RateLimiter
 from medsec.service.audit import AuditLog
-from medsec.service.config import ServiceConfig
+from medsec.service.config import ImageRules, ServiceConfig
 from medsec.service.gate import CheckedImage, ImagePolicy, Refusal, check_upload
 
 log = logging.getLogger("medsec.service")
@@ -70,8 +72,9 @@ def _verification_json(result: VerificationResult | None) -> dict[str, Any] | No
     }
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes."""
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body, refusing (413) as soon as it exceeds ``limit`` bytes, (408) when it
+    has not all arrived within ``timeout_s``, and (499) when the client hangs up first."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
@@ -79,11 +82,17 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if int(declared) > limit:
             raise Refusal(413, "too_large", f"body of {declared} bytes exceeds {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise Refusal(413, "too_large", f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise Refusal(413, "too_large", f"body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError as exc:
+        raise Refusal(408, "timeout", f"request body not received within {timeout_s:g} s") from exc
+    except ClientDisconnect as exc:  # nginx's 499: nobody will read the answer, the audit will
+        raise Refusal(499, "client_closed", "client closed the connection mid-body") from exc
     return b"".join(chunks)
 
 
@@ -130,13 +139,9 @@ def create_app(state: ServiceState) -> FastAPI:
                     "channels": p.channels,
                 },
                 "policy": {
-                    "require_signature": p.require_signature,
-                    "require_creator": p.require_creator,
-                    "allow_unsigned_elements": p.allow_unsigned_elements,
-                    "min_mac": p.min_mac,
-                    "modalities": list(p.modalities),
-                    "resize": p.resize,
-                    "max_body_bytes": state.config.max_body_bytes,
+                    **p.rules.model_dump(mode="json", include=set(ImageRules.model_fields)),
+                    "max_body_bytes": state.config.server.max_body_bytes,
+                    "max_inflated_bytes": p.max_inflated_bytes,
                 },
             }
         )
@@ -154,6 +159,7 @@ def create_app(state: ServiceState) -> FastAPI:
             "model_sha256": model_sha,
         }
         headers: dict[str, str] = {}
+        body_read = False
         try:
             # unauthenticated callers share a bucket per address, so guessing tokens or
             # flooding the audit log is throttled too
@@ -169,7 +175,9 @@ def create_app(state: ServiceState) -> FastAPI:
                     415, "unsupported_media_type",
                     f"Content-Type {ctype or 'absent'!r}; send application/dicom",
                 )  # fmt: skip
-            body = await _read_body(request, state.config.max_body_bytes)
+            server = state.config.server
+            body = await _read_body(request, server.max_body_bytes, server.body_timeout_s)
+            body_read = True
             checked, prediction = await run_in_threadpool(state.predict, body)
             verification = _verification_json(checked.verification)
             record.update(
@@ -210,6 +218,8 @@ def create_app(state: ServiceState) -> FastAPI:
         payload["audit_hash"] = await run_in_threadpool(state.audit.append, record)
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
+        if not body_read:  # whatever is left of the body is not worth reading: hang up
+            headers["Connection"] = "close"
         return JSONResponse(payload, status, headers=headers)
 
     return app

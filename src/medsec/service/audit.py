@@ -119,8 +119,12 @@ class AuditLog:
         self.path = Path(path)
         self._fsync = fsync == "always"
         self._lock = threading.Lock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fh: BinaryIO = open(self.path, "ab")  # noqa: SIM115 - held open for the service life
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh: BinaryIO = open(self.path, "ab")  # noqa: SIM115 - open for the service life
+        except OSError as exc:
+            reason = f"{exc.strerror}: {exc.filename}"
+            raise MedsecError(f"audit log {self.path}: cannot open ({reason})") from exc
         try:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

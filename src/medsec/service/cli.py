@@ -13,6 +13,17 @@ from pathlib import Path
 from medsec.errors import MedsecError
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port, so a bad one is refused at init and not when serving."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535)")
+    return port
+
+
 def _serve(args: argparse.Namespace) -> int:
     if args.config is None:
         raise MedsecError("give --config FILE (or run `medsec serve init` to create one)")
@@ -26,6 +37,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _init(args: argparse.Namespace) -> int:
     from medsec.service.bootstrap import init_service_dir
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MedsecError("give --tls-cert and --tls-key together (or neither)")
     result = init_service_dir(
         Path(args.out),
         Path(args.checkpoint),
@@ -33,9 +46,13 @@ def _init(args: argparse.Namespace) -> int:
         port=args.port,
         client=args.client,
         image_trust=Path(args.image_trust) if args.image_trust else None,
+        keys_out=Path(args.keys_out) if args.keys_out else None,
+        tls=(Path(args.tls_cert), Path(args.tls_key)) if args.tls_cert else None,
     )
     print(f"config:   {result.config}")
-    print(f"TLS CA:   {result.ca_cert} (clients trust this certificate)")
+    if result.ca_cert is not None:
+        print(f"TLS CA:   {result.ca_cert} (clients trust this certificate)")
+    print(f"keys:     {result.keys} (signing keys: keep them off the service host)")
     if result.modality_key is not None:
         print(
             f"modality: sign images with --key {result.modality_key} --cert {result.modality_cert}"
@@ -47,12 +64,18 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from medsec.service.access import hash_token, new_token
+    import tomlkit
 
+    from medsec.service.access import hash_token, new_token
+    from medsec.service.bootstrap import check_client_name
+
+    name = check_client_name(args.name)
     token = new_token()
+    entry = tomlkit.aot()  # written by a TOML library: the name cannot open a table
+    entry.append(tomlkit.table().add("name", name).add("token_sha256", hash_token(token)))
     print(f"token (give it to the client; shown once): {token}")
     print("add to the service config:")
-    print(f'[[clients]]\nname = "{args.name}"\ntoken_sha256 = "{hash_token(token)}"')
+    print(tomlkit.dumps({"clients": entry}).strip())
     return 0
 
 
@@ -92,9 +115,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--out", required=True, help="new directory for the service files")
     init.add_argument("--checkpoint", required=True, help="medsec checkpoint to serve")
     init.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    init.add_argument("--port", type=int, default=8443)
+    init.add_argument("--port", type=_port, default=8443, help="TCP port (default 8443)")
     init.add_argument("--client", default="default", help="name of the first API client")
     init.add_argument("--image-trust", help="existing directory of trusted modality certificates")
+    init.add_argument(
+        "--keys-out",
+        help="new directory for the signing keys, outside the service (default OUT-keys)",
+    )
+    init.add_argument("--tls-cert", help="the operator's server certificate (PEM) to use")
+    init.add_argument("--tls-key", help="its private key (PEM); with --tls-cert, no CA is made")
     init.set_defaults(func=_init)
 
     token = actions.add_parser("token", help="new API token and its config entry")

@@ -9,7 +9,8 @@ reason (never a traceback).
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -17,14 +18,17 @@ import torch.nn.functional as F
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset, read_preamble
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
 from medsec.integrity import Status, TrustStore, VerificationResult, dicom_to_image, verify_dataset
 from medsec.integrity.mac_stream import tag_str, tags_of
-from medsec.service.config import MAC_STRENGTH
+from medsec.service.config import MAC_STRENGTH, ImageRules
 
 MAX_DIM = 4096  # rows/columns beyond this are refused before any pixel is decoded
 _UNDEFINED = 0xFFFFFFFF
+_INFLATE_IN, _INFLATE_OUT = 1 << 16, 1 << 18  # bounded chunks while measuring an inflation
 
 # Signature failures -> (HTTP status, code). 403: a well-formed request for an image that is
 # not authorised to reach the model. An unreadable structure inside the signature is 422.
@@ -57,17 +61,14 @@ class Refusal(Exception):
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """What an image must satisfy; ``verify=False`` exists only for overhead measurements."""
+    """The configured rules, bound to a trust store and the model's input shape;
+    ``verify=False`` exists only for overhead measurements."""
 
     trust: TrustStore
     channels: int
     image_size: int
-    require_signature: bool = True
-    require_creator: bool = True
-    allow_unsigned_elements: bool = False
-    min_mac: str = "SHA256"
-    modalities: tuple[str, ...] = ("OT",)
-    resize: bool = False
+    rules: ImageRules = field(default_factory=ImageRules)
+    max_inflated_bytes: int = 4 << 20
     verify: bool = True
 
 
@@ -81,16 +82,64 @@ class CheckedImage:
     resized: bool
 
 
-def _parse(body: bytes) -> Dataset:
+def _dataset_start(body: bytes) -> tuple[int, str | None]:
+    """Offset where the dataset starts after the file meta group, and its transfer syntax.
+
+    Read with pydicom's public preamble and dataset readers, stopping at the first element
+    outside group 0002, so nothing after the meta (a Deflated dataset) is touched yet.
+    """
+    fp = io.BytesIO(body)
+    try:
+        read_preamble(fp, False)
+        meta = read_dataset(fp, False, True, stop_when=lambda tag, *_: tag >> 16 != 2)
+        syntax = meta.get("TransferSyntaxUID")
+    except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
+        reason = f"DICOM file meta cannot be parsed ({type(exc).__name__}: {exc!s:.100})"
+        raise Refusal(422, "corrupt", reason) from exc
+    return fp.tell(), None if syntax is None else str(syntax)
+
+
+def _inflated_size(body: bytes, start: int, limit: int) -> int:
+    """Size of the Deflated dataset after ``start``, measured in bounded chunks and refused
+    (413) as soon as it passes ``limit``, so a zip bomb never inflates in memory."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)  # raw deflate, as PS3.5 A.5 and pydicom
+    view, pos, size = memoryview(body), start, 0
+    try:
+        while pos < len(body) and not inflater.eof:
+            piece: bytes | memoryview = view[pos : pos + _INFLATE_IN]
+            pos += len(piece)
+            while piece and not inflater.eof:
+                size += len(inflater.decompress(piece, _INFLATE_OUT))
+                if size > limit:
+                    raise Refusal(
+                        413, "too_large", f"Deflated dataset inflates beyond {limit} bytes"
+                    )
+                piece = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise Refusal(422, "corrupt", f"Deflated dataset cannot be inflated ({exc})") from exc
+    if not inflater.eof:
+        raise Refusal(422, "truncated", "Deflated dataset ends before its deflate stream does")
+    rest = inflater.unused_data + view[pos:].tobytes()
+    if rest not in (b"", b"\0"):  # one null pads an odd-length stream, as pydicom writes it
+        raise Refusal(422, "truncated", f"{len(rest)} byte(s) after the Deflated dataset")
+    return size
+
+
+def _parse(body: bytes, max_inflated: int) -> Dataset:
+    """Parse the upload once; size and inflation limits are checked before pydicom runs."""
     if not body:
         raise Refusal(400, "empty_body", "request body is empty; send a DICOM Part 10 file")
     if len(body) < 132 or body[128:132] != b"DICM":
         raise Refusal(415, "not_dicom", "body is not a DICOM Part 10 file (no DICM at byte 128)")
+    start, syntax = _dataset_start(body)
+    size = len(body)
+    if syntax == DeflatedExplicitVRLittleEndian:  # element offsets count in the inflated data
+        size = _inflated_size(body, start, max_inflated)
     try:
         ds = dcmread(io.BytesIO(body))
     except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
         raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
-    _check_complete(ds, len(body))
+    _check_complete(ds, size)
     return ds
 
 
@@ -110,28 +159,29 @@ def _check_complete(ds: Dataset, size: int) -> None:
 
 
 def _verify(ds: Dataset, policy: ImagePolicy) -> VerificationResult:
+    rules = policy.rules
     result = verify_dataset(
         ds,
         policy.trust,
-        require_signature=policy.require_signature,
-        require_creator=policy.require_creator,
-        allow_unsigned_elements=policy.allow_unsigned_elements,
+        require_signature=rules.require_signature,
+        require_creator=rules.require_creator,
+        allow_unsigned_elements=rules.allow_unsigned_elements,
     )
     if not result.ok:
         status, code = _VERIFY_REFUSALS[result.status]
         raise Refusal(status, code, result.reason, result)
-    floor = MAC_STRENGTH.index(policy.min_mac)
+    floor = MAC_STRENGTH.index(rules.min_mac)
     for check in result.signatures:
         if MAC_STRENGTH.index(check.mac_algorithm) < floor:
-            reason = f"{check.name} uses {check.mac_algorithm}, weaker than {policy.min_mac}"
+            reason = f"{check.name} uses {check.mac_algorithm}, weaker than {rules.min_mac}"
             raise Refusal(403, "weak_hash", reason, result)
     return result
 
 
 def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
     modality = str(ds.get("Modality", "")).strip()
-    if modality not in policy.modalities:
-        allowed = ", ".join(policy.modalities)
+    if modality not in policy.rules.modalities:
+        allowed = ", ".join(policy.rules.modalities)
         raise Refusal(
             422, "wrong_modality", f"modality {modality or 'absent'!r}; expected {allowed}"
         )
@@ -167,7 +217,7 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
     size = policy.image_size
     if (rows, cols) == (size, size):
         return x, False
-    if not policy.resize:
+    if not policy.rules.resize:
         raise Refusal(422, "wrong_shape", f"image is {rows}x{cols}; the model takes {size}x{size}")
     resized = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
     return resized.clamp_(0.0, 1.0), True
@@ -175,7 +225,7 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
 
 def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
     """Parse, verify and validate one upload; raise :class:`Refusal` on the first failure."""
-    ds = _parse(body)
+    ds = _parse(body, policy.max_inflated_bytes)
     # The UID is read after verification: reading converts the element, and a converted
     # element costs the verifier a re-encoding.
     try:

@@ -1,9 +1,11 @@
 """Signed model checkpoints: a detached manifest over the checkpoint file's bytes.
 
 The manifest (:mod:`medsec.integrity.manifest`, Ed25519/ECDSA/RSA) binds the SHA-256 of the
-exact file bytes plus the weights' own SHA-256. At start-up the service reads the file once,
-verifies the manifest (and an optional pinned hash) over those bytes, and loads the model from
-the very bytes it verified, so a file swapped between check and load cannot slip in.
+exact file bytes plus the weights' own SHA-256. The signature is what refuses a swapped model:
+the checkpoint's own SHA-256 field only catches corruption, since whoever swaps the file can
+recompute it. At start-up the service reads the file once, verifies the manifest (and an
+optional pinned hash) over those bytes, and loads the model from the very bytes it verified,
+so a file swapped between check and load cannot slip in.
 """
 
 from __future__ import annotations
@@ -32,11 +34,24 @@ def _arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 def sign_checkpoint(
-    checkpoint: Path, manifest_path: Path, key: Path, cert: Path, overwrite: bool = False
+    checkpoint: Path,
+    manifest_path: Path,
+    key: Path,
+    cert: Path,
+    overwrite: bool = False,
+    label: Path | None = None,
 ) -> str:
-    """Write a detached signed manifest for ``checkpoint``; returns the file's SHA-256."""
-    data = Path(checkpoint).read_bytes()
-    _, meta = _load_from_bytes(data, Path(checkpoint))  # only sign what loads as a checkpoint
+    """Write a detached signed manifest for ``checkpoint``; returns the file's SHA-256.
+
+    ``label`` names the file in errors when ``checkpoint`` is a copy of what the user gave.
+    """
+    try:
+        data = Path(checkpoint).read_bytes()
+    except OSError as exc:
+        raise MedsecError(
+            f"checkpoint {label or checkpoint}: cannot read ({exc.strerror})"
+        ) from exc
+    _, meta = _load_from_bytes(data, Path(label or checkpoint))  # only sign real checkpoints
     manifest = build_manifest(
         _arrays(data),
         Path(key),

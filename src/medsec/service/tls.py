@@ -2,13 +2,16 @@
 
 A hospital would use its own PKI; this makes a self-contained set for ``medsec serve init`` and
 the tests. Clients trust the CA certificate; the server certificate names the host (DNS and IP
-subject alternative names), as TLS hostname checking requires.
+subject alternative names), as TLS hostname checking requires. The CA key can go to another
+directory than the certificates, so the serving host never holds a key that issues certificates.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import os
+import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,9 +20,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from medsec.integrity.keys import _write_new
+from medsec.errors import MedsecError
 
 CA_CERT = "ca_cert.pem"
+CA_KEY = "ca_key.pem"
 
 
 def _name(cn: str) -> x509.Name:
@@ -31,15 +35,27 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _save(path: Path, key: ec.EllipticCurvePrivateKey | None, cert: x509.Certificate) -> None:
-    if key is not None:
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        _write_new(path.with_name(path.name.replace("_cert", "_key")), pem, 0o600)
-    _write_new(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+def _create(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with exactly ``mode`` (0600 for keys from the first byte); never replace."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise MedsecError(f"{path} already exists; refusing to overwrite it") from exc
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it
+        fh.write(data)
+
+
+def _save(
+    key_path: Path, key: ec.EllipticCurvePrivateKey, cert_path: Path, cert: x509.Certificate
+) -> None:
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _create(key_path, pem, 0o600)
+    _create(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _base(
@@ -59,12 +75,19 @@ def _base(
 
 
 def make_tls_material(
-    out_dir: Path, hosts: Sequence[str], clients: Sequence[str] = (), days: int = 825
+    out_dir: Path,
+    hosts: Sequence[str],
+    clients: Sequence[str] = (),
+    days: int = 825,
+    ca_key_dir: Path | None = None,
 ) -> dict[str, Path]:
-    """Write ca_cert.pem (+ key), server_cert.pem/server_key.pem for ``hosts`` and, for each
-    name in ``clients``, <name>_cert.pem/<name>_key.pem for mutual TLS. Returns the paths."""
+    """Write ca_cert.pem, server_cert.pem/server_key.pem for ``hosts`` and, for each name in
+    ``clients``, <name>_cert.pem/<name>_key.pem for mutual TLS; ca_key.pem goes to
+    ``ca_key_dir`` (default ``out_dir``). Returns the paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ca_key_dir = out_dir if ca_key_dir is None else Path(ca_key_dir)
+    for d in (out_dir, ca_key_dir):
+        d.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("medsec service CA")
     ca = (
@@ -76,8 +99,8 @@ def make_tls_material(
         .sign(ca_key, hashes.SHA256())
     )
     aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    paths = {"ca_cert": out_dir / CA_CERT}
-    _save(paths["ca_cert"], ca_key, ca)
+    paths = {"ca_cert": out_dir / CA_CERT, "ca_key": ca_key_dir / CA_KEY}
+    _save(paths["ca_key"], ca_key, paths["ca_cert"], ca)
 
     def leaf(name: str, usage: x509.ObjectIdentifier, san: list[x509.GeneralName]) -> None:
         key = ec.generate_private_key(ec.SECP256R1())
@@ -92,10 +115,11 @@ def make_tls_material(
         )
         if san:
             builder = builder.add_extension(x509.SubjectAlternativeName(san), False)
-        cert_path = out_dir / f"{name}_cert.pem"
-        _save(cert_path, key, builder.sign(ca_key, hashes.SHA256()))
-        paths[f"{name}_cert"] = cert_path
+        paths[f"{name}_cert"] = out_dir / f"{name}_cert.pem"
         paths[f"{name}_key"] = out_dir / f"{name}_key.pem"
+        _save(
+            paths[f"{name}_key"], key, paths[f"{name}_cert"], builder.sign(ca_key, hashes.SHA256())
+        )
 
     san: list[x509.GeneralName] = []
     for host in hosts:
@@ -107,3 +131,16 @@ def make_tls_material(
     for client in clients:
         leaf(client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     return paths
+
+
+def install_server_pair(cert: Path, key: Path, out_dir: Path) -> None:
+    """Copy an operator's server certificate and key (from the hospital's PKI) into ``out_dir``
+    as server_cert.pem and server_key.pem (0600), once they load as a usable pair."""
+    try:  # an empty password: an encrypted key fails here instead of prompting on a terminal
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=b"")
+        cert_pem, key_pem = Path(cert).read_bytes(), Path(key).read_bytes()
+    except (OSError, ssl.SSLError) as exc:
+        raise MedsecError(f"TLS certificate {cert} / key {key} unusable ({exc})") from exc
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _create(out_dir / "server_key.pem", key_pem, 0o600)
+    _create(out_dir / "server_cert.pem", cert_pem, 0o644)
