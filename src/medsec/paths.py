@@ -15,21 +15,17 @@ from medsec.errors import MedsecError
 
 
 def _exists(path: Path) -> bool:
+    """Whether anything (a dangling link included) is at ``path``."""
     try:
         path.lstat()
-    except FileNotFoundError:
-        return False
-    except NotADirectoryError:  # a component of the path is a file
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a component is a file
         return False
     return True
 
 
 def _nearest_existing(path: Path) -> Path:
-    """``path`` itself or its closest ancestor that exists (the cwd for a relative path)."""
-    for candidate in (path, *path.parents):
-        if _exists(candidate):
-            return candidate
-    return Path.cwd()
+    """``path`` itself or its closest ancestor that exists."""
+    return next((p for p in (path, *path.parents) if _exists(p)), Path(path.anchor or "."))
 
 
 def _unwritable(directory: Path) -> str | None:
