@@ -247,6 +247,8 @@ def test_error_boundary_catches_decompression_bombs_but_keeps_bugs(capsys, monke
         (["attack", "--checkpoint", "v.pt", "--n", "ten"], "--n: not an integer: 'ten'"),
         (["data", "fundus-lesion", "--device", "bogus"], "--device: unknown device 'bogus'"),
         (["train", "--out", "v.pt", "--device", "cuda:x"], "--device: unknown device"),
+        (["train", "--out", "v.pt", "--seed", "-5"], "--seed: seed must lie in 0 .. 2**32 - 1"),
+        (["attack", "--checkpoint", "v.pt", "--seed", str(2**64)], "--seed: seed must lie"),
     ],
 )
 def test_bad_values_are_usage_errors(argv, needle, capsys, no_work):

@@ -18,6 +18,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def seed_value(text: str) -> int:
+    """A seed every generator accepts (NumPy's limit: 0 .. 2**32 - 1)."""
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from exc
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"seed must lie in 0 .. 2**32 - 1, got {value}")
+    return value
+
+
 def parse_eps(text: str) -> float:
     """'4/255' or '0.0157' -> float in [0,1] pixel units."""
     try:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from medsec.cliargs import device_name, parse_eps, positive_int
+from medsec.cliargs import device_name, parse_eps, positive_int, seed_value
 from medsec.paths import check_output_file, claim_run_dir
 
 DATA_HELP = (
@@ -29,7 +29,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="auto (CUDA when present) | cpu | cuda[:N]",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
