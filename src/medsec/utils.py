@@ -78,17 +78,27 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU; an unavailable CUDA request is an error."""
+    """``auto`` picks CUDA when present, else CPU; an unknown or absent device is an error."""
     from medsec.errors import MedsecError
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MedsecError(f"device {name!r} requested but CUDA is not available")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
-        raise MedsecError(f"unknown device {name!r}") from exc
+        raise MedsecError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MedsecError(f"device {name!r} requested but CUDA is not available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise MedsecError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise MedsecError(f"device {name!r} requested but MPS is not available")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise MedsecError(f"device {name!r} is not supported; use auto, cpu or cuda[:N]")
+    return device
 
 
 def environment_record(device: torch.device | None = None) -> dict[str, Any]:

@@ -222,6 +222,11 @@ def _pick_file(directory: Path, flag: str | None, size: int) -> tuple[Path, str]
 def _read_npz(file: Path) -> dict[str, np.ndarray]:
     """Read the six arrays, turning every way a file can be broken into a MedsecError."""
     keys = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")]
+    with file.open("rb") as f:
+        head = f.read(6)
+    if head[:4] != b"PK\x03\x04" and head != b"\x93NUMPY":
+        # Checked first: numpy would answer a text file with a message about pickles.
+        raise MedsecError(f"{file}: not a readable .npz archive (no zip signature)")
     try:
         npz = np.load(file, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from medsec.data.base import SPLITS, Dataset, Split
 from medsec.errors import MedsecError
+from medsec.paths import check_writable_dir
 from medsec.utils import atomic_write_bytes, hash_arrays
 
 GENERATOR_VERSION = 1
@@ -283,6 +284,7 @@ def make_embedded(
         except Exception:  # a damaged cache entry is regenerated, never trusted
             splits = {}
     if not splits:
+        check_writable_dir(cache, what="data cache (MEDSEC_CACHE)")  # before minutes of work
         splits = {s: generate_split(name, s, counts[s], size, seed, progress) for s in SPLITS}
         import io
 

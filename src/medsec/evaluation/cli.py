@@ -5,26 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from fractions import Fraction
 from pathlib import Path
 
-from medsec.errors import MedsecError
+from medsec.cliargs import device_name, parse_eps, positive_int, seed_value
+from medsec.paths import check_output_file, claim_run_dir
 
 DATA_HELP = (
     "data set: cxr-nodule | fundus-lesion (embedded: real anatomy, synthetic "
     "findings) | medmnist:FILE.npz | folder:DIR | dicom:LABELS.csv"
 )
-
-
-def parse_eps(text: str) -> float:
-    """'4/255' or '0.0157' -> float in [0,1] pixel units."""
-    try:
-        value = float(Fraction(text)) if "/" in text else float(text)
-    except (ValueError, ZeroDivisionError) as exc:
-        raise argparse.ArgumentTypeError(f"not a number or fraction: {text!r}") from exc
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"eps must lie in [0, 1] pixel units, got {value}")
-    return value
 
 
 def _device(args: argparse.Namespace):
@@ -34,22 +23,29 @@ def _device(args: argparse.Namespace):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present) | cpu | cuda[:N]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="auto (CUDA when present) | cpu | cuda[:N]",
+    )
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def cmd_data(args: argparse.Namespace) -> int:
     from medsec.data import load_dataset
 
+    out = (
+        check_output_file(args.preview, suffixes=(".png",), what="preview")
+        if args.preview
+        else None
+    )
     data = load_dataset(args.data, size=args.size, progress=not args.no_progress)
     print(json.dumps(data.summary(), indent=2))
-    if args.preview:
+    if out is not None:
         from medsec.evaluation.figures import plot_grid
 
-        out = Path(args.preview)
-        if out.exists():
-            raise MedsecError(f"{out} exists; refusing to overwrite it")
         plot_grid(out, data.test.images[:16], data.test.labels[:16], data.class_names)
         print(f"preview written to {out}", file=sys.stderr)
     return 0
@@ -59,9 +55,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medsec.data import load_dataset
     from medsec.models import TrainConfig, save_checkpoint, train_victim
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise MedsecError(f"{out} exists; pass --force to replace it")
+    out = check_output_file(args.out, force=args.force, what="checkpoint")
     data = load_dataset(args.data, size=args.size, seed=args.seed, progress=not args.no_progress)
     cfg = TrainConfig(arch=args.arch, epochs=args.epochs, seed=args.seed)
     model, metrics = train_victim(data, cfg, device=_device(args), progress=not args.no_progress)
@@ -90,13 +84,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    import io
+
     import numpy as np
     import torch
 
     from medsec.attacks import preset, run_attack
     from medsec.data import load_dataset
     from medsec.models import load_checkpoint
+    from medsec.utils import atomic_write_bytes
 
+    out = None
+    if args.out:  # written as NAME.npz, as numpy names it; the check is on that real path
+        name = args.out if args.out.endswith(".npz") else f"{args.out}.npz"
+        out = check_output_file(name, what="adversarial images")
     device = _device(args)
     model, meta = load_checkpoint(args.checkpoint, device=device)
     data = load_dataset(
@@ -111,17 +112,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         args.attack,
         args.eps,
         restarts=args.restarts,
-        **({"steps": args.steps} if args.steps else {}),
+        **({"steps": args.steps} if args.steps is not None else {}),
     )
     res = run_attack(model, x, y, spec, seed=args.seed)
     clean = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
-    if args.out:
-        out = Path(args.out)
-        if out.exists():
-            raise MedsecError(f"{out} exists; refusing to overwrite it")
+    if out is not None:
+        buf = io.BytesIO()
         np.savez_compressed(
-            out, x_adv=res.x_adv.numpy(), labels=y.numpy(), success=res.success.numpy()
+            buf, x_adv=res.x_adv.numpy(), labels=y.numpy(), success=res.success.numpy()
         )
+        atomic_write_bytes(out, buf.getvalue())
     print(
         json.dumps(
             {
@@ -142,11 +142,36 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    from medsec.evaluation.study import reproduce
+RUN_MARKER = ".medsec-run"  # written first into a reproduce --out directory: "this is ours"
+_RUN_NAMES = {
+    "cells",
+    "artifacts",
+    "figures",
+    "report.md",
+    "report.html",
+    "metrics.json",
+    "metrics.csv",
+}
 
+
+def _is_older_run(out: Path) -> bool:
+    """A run made before the marker existed: a cells/ cache and only what a run writes."""
+    return (out / "cells").is_dir() and all(p.name in _RUN_NAMES for p in out.iterdir())
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import medsec
+    from medsec.evaluation.study import reproduce, resolve_defences
+
+    resolve_defences(args.defences)  # a typo is refused before the directory is claimed
+    out = claim_run_dir(
+        args.out,
+        RUN_MARKER,
+        record={"format": "medsec-run/1", "medsec": medsec.__version__},
+        is_older_run=_is_older_run,
+    )
     report = reproduce(
-        Path(args.out),
+        out,
         profile_name=args.profile,
         dataset=args.dataset,
         defences=args.defences,
@@ -175,7 +200,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", default="fundus-lesion", help=DATA_HELP)
     p.add_argument("--arch", default="small-cnn", choices=list_models())
     p.add_argument("--size", type=int, default=64, choices=(28, 64, 128, 224))
-    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--epochs", type=positive_int, default=40)
     p.add_argument("--out", required=True, help="checkpoint path (.pt)")
     p.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     _common(p)
@@ -192,10 +217,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=4 / 255,
         help="L-inf/L2 budget in [0,1] pixel units; '4/255' accepted",
     )
-    p.add_argument("--steps", type=int, help="override the preset's steps")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--n", type=int, default=500, help="number of images to attack")
-    p.add_argument("--out", help="write adversarial images to this .npz")
+    p.add_argument("--steps", type=positive_int, help="override the preset's steps")
+    p.add_argument("--restarts", type=positive_int, default=1)
+    p.add_argument("--n", type=positive_int, default=500, help="number of images to attack")
+    p.add_argument("--out", help="write adversarial images to this .npz (never replaced)")
     _common(p)
     p.set_defaults(func=cmd_attack)
 

@@ -1,6 +1,7 @@
 """Checkpoints that say what they are: architecture, data hash, metrics, and a SHA-256 of the
-weights that is checked on every load (a corrupted model is refused; a swapped one is refused
-only by a signature over the file, as the service checks, since a swapper recomputes this)."""
+weights checked on every load. The hash catches corruption, not a deliberate swap (whoever
+swaps the weights can recompute it); the service verifies a signature over the file for that.
+"""
 
 from __future__ import annotations
 
@@ -50,21 +51,26 @@ def save_checkpoint(
 def load_checkpoint(
     path: str | Path, *, device: torch.device | str = "cpu", expect_data_hash: str | None = None
 ) -> tuple[Victim, dict[str, Any]]:
-    """Load and verify a checkpoint; returns (model in eval mode, meta incl. ``sha256``)."""
+    """Load and verify a checkpoint; returns (model in eval mode, meta incl. ``sha256``).
+
+    Every defect (not a checkpoint, a field missing or of the wrong type, weights that do not
+    match the SHA-256, do not fit the architecture or are not finite) is one MedsecError.
+    """
     path = Path(path)
     if not path.is_file():
-        raise MedsecError(f"checkpoint {path} does not exist")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise MedsecError(
-            f"checkpoint {path} is not a readable medsec checkpoint ({exc.__class__.__name__})"
-        ) from exc
+        raise MedsecError(f"checkpoint {path} does not exist or is not a file")
+    blob = _torch_load(path.read_bytes(), f"checkpoint {path} is not a readable medsec checkpoint")
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise MedsecError(f"checkpoint {path} is not in format {FORMAT}")
-    if sha256_bytes(blob["state"]) != blob["sha256"]:
+    state, digest, meta = blob.get("state"), blob.get("sha256"), blob.get("meta")
+    if not isinstance(state, bytes) or not isinstance(digest, str) or not isinstance(meta, dict):
+        raise MedsecError(f"checkpoint {path} lacks its weights, SHA-256 or metadata")
+    if sha256_bytes(state) != digest:
         raise MedsecError(f"checkpoint {path}: SHA-256 of the weights does not match; refusing it")
-    meta = blob["meta"]
+    bad = [k for k, kind in _META_FIELDS.items() if not isinstance(meta.get(k), kind)]
+    bad += [k for k in _SIZES if k not in bad and meta[k] < 1]
+    if bad:
+        raise MedsecError(f"checkpoint {path}: metadata missing or invalid: {', '.join(bad)}")
     if expect_data_hash is not None and meta["data_hash"] != expect_data_hash:
         raise MedsecError(
             f"checkpoint {path} was trained on other data (hash {meta['data_hash'][:12]})"
@@ -75,8 +81,31 @@ def load_checkpoint(
         num_classes=meta["num_classes"],
         image_size=meta["image_size"],
     )
-    model.load_state_dict(
-        torch.load(io.BytesIO(blob["state"]), map_location="cpu", weights_only=True)
-    )
-    meta = {**meta, "sha256": blob["sha256"]}
+    weights = _torch_load(state, f"checkpoint {path}: the weights are not readable")
+    if not isinstance(weights, dict) or not all(
+        isinstance(v, torch.Tensor) for v in weights.values()
+    ):
+        raise MedsecError(f"checkpoint {path}: the weights are not a table of tensors")
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:  # missing / unexpected keys, shapes that do not fit
+        first = str(exc).strip().splitlines()[-1].strip()
+        raise MedsecError(
+            f"checkpoint {path}: weights do not fit a {meta['arch']} model ({first})"
+        ) from exc
+    if not all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point()):
+        raise MedsecError(f"checkpoint {path}: weights contain NaN or infinity")
+    meta = {**meta, "sha256": digest}
     return model.to(device).eval(), meta
+
+
+_SIZES = ("in_channels", "num_classes", "image_size")
+_META_FIELDS: dict[str, type] = {"arch": str, "data_hash": str} | dict.fromkeys(_SIZES, int)
+
+
+def _torch_load(data: bytes, refusal: str) -> Any:
+    """``torch.load`` of untrusted bytes (weights only); any failure is the one ``refusal``."""
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for foreign bytes; all mean "not ours"
+        raise MedsecError(f"{refusal} ({exc.__class__.__name__})") from exc

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from medsec.data.base import Dataset, Split
+from medsec.errors import MedsecError
 from medsec.models.architectures import Victim, create_model
 from medsec.utils import seed_everything
 
@@ -74,6 +75,8 @@ def train_victim(
     data: Dataset, cfg: TrainConfig, *, device: torch.device | str = "cpu", progress: bool = True
 ) -> tuple[Victim, dict[str, Any]]:
     """Adam + cosine schedule; keep the weights of the epoch with the best validation AUC."""
+    if cfg.epochs < 1:
+        raise MedsecError(f"epochs must be at least 1, got {cfg.epochs}")
     seed_everything(cfg.seed)
     model = create_model(
         cfg.arch, in_channels=data.channels, num_classes=data.num_classes, image_size=data.size
