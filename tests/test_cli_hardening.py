@@ -83,8 +83,9 @@ def test_attack_out_checks_the_real_npz_before_attacking(tmp_path, capsys, monke
     argv = ["attack", "--checkpoint", ckpt, "--data", data, "--n", 3, "--steps", 1]
     code, err = run([*argv, "--out", tmp_path / "adv", "--no-progress"], capsys)
     assert code == 0, err
-    with np.load(tmp_path / "adv.npz") as z:
-        assert z["x_adv"].shape == (3, 1, 28, 28) and z["success"].shape == (3,)
+    with np.load(tmp_path / "adv.npz") as z:  # only the images the model gets right
+        k = len(z["indices"])
+        assert 1 <= k <= 3 and z["x_adv"].shape == (k, 1, 28, 28) and z["success"].shape == (k,)
     before = (tmp_path / "adv.npz").read_bytes()
     monkeypatch.setattr(medsec.models, "load_checkpoint", boom)
     for name in ("adv", "adv.npz"):

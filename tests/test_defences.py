@@ -42,13 +42,14 @@ def reproduce(out: Path, data: Path, defences: str) -> int:
 def plugin_run(tmp_path_factory):
     data = write_blob_folder(tmp_path_factory.mktemp("blobs"))
     out = tmp_path_factory.mktemp("plugin")
-    assert reproduce(out, data, f"none,{PLUGIN}:JPEGDefence") == 0
+    assert reproduce(out, data, f"{PLUGIN}:JPEGDefence") == 0  # (none: the study's grid)
     return out, data
 
 
 def _reuse_victim(src: Path, dst: Path) -> Path:
     """A new study directory that reuses ``src``'s trained victim (not its cells)."""
     shutil.copytree(src / "artifacts", dst / "artifacts")
+    shutil.copy(src / ".medsec-run", dst / ".medsec-run")  # a medsec run, to be resumed
     return dst
 
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from medsec.cliargs import device_name, parse_eps, positive_int, seed_value
+from medsec.errors import MedsecError
 from medsec.paths import check_output_file, claim_run_dir
 
 DATA_HELP = (
@@ -89,7 +90,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    from medsec.attacks import preset, run_attack
+    from medsec.attacks import Criterion, preset, run_attack
     from medsec.data import load_dataset
     from medsec.models import load_checkpoint
     from medsec.utils import atomic_write_bytes
@@ -114,12 +115,27 @@ def cmd_attack(args: argparse.Namespace) -> int:
         restarts=args.restarts,
         **({"steps": args.steps} if args.steps is not None else {}),
     )
-    res = run_attack(model, x, y, spec, seed=args.seed)
-    clean = (model(x.to(device)).argmax(1).cpu() == y).float().mean().item()
+    # as in the study: only images the model classifies correctly can be attack successes
+    pred = torch.cat(
+        [
+            Criterion(model, y[s : s + 250]).predict(x[s : s + 250].to(device)).cpu()
+            for s in range(0, len(x), 250)
+        ]
+    )
+    correct = torch.nonzero(pred == y)[:, 0]
+    if len(correct) == 0:
+        raise MedsecError(f"the model classifies none of the {len(x)} images correctly")
+    res = run_attack(model, x[correct], y[correct], spec, seed=args.seed)
+    clean = len(correct) / len(x)
+    asr = float(res.success.float().mean())
     if out is not None:
         buf = io.BytesIO()
         np.savez_compressed(
-            buf, x_adv=res.x_adv.numpy(), labels=y.numpy(), success=res.success.numpy()
+            buf,
+            x_adv=res.x_adv.numpy(),
+            labels=y[correct].numpy(),
+            success=res.success.numpy(),
+            indices=correct.numpy(),
         )
         atomic_write_bytes(out, buf.getvalue())
     print(
@@ -127,13 +143,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
             {
                 "attack": spec.record(),
                 "n": len(x),
+                "n_attacked": len(correct),
                 "clean_accuracy": clean,
-                "attack_success_rate": float(res.success.float().mean()),
-                "robust_accuracy": float(
-                    ((~res.success) & (model(res.x_adv.to(device)).argmax(1).cpu() == y))
-                    .float()
-                    .mean()
-                ),
+                "attack_success_rate": asr,
+                "robust_accuracy": clean * (1 - asr),
                 "seconds": res.seconds,
             },
             indent=2,

@@ -87,7 +87,8 @@ def adapt(dep: Deployed, found: Probe, eot: int, repeats: int) -> tuple[Deployed
             f"EOT over {eot} draws per step and success re-evaluated {repeats} times "
             f"(two identical calls differed by up to {found.max_logit_change:.3g} in the logits)"
         )
-    if (found.zero_grad_fraction > 0 or found.nonfinite_grad_fraction > 0) and not done:
+    masked = found.zero_grad_fraction > 0 or found.nonfinite_grad_fraction > 0
+    if masked and dep.attack_view is None:
         done.append(
             "none possible: gradients through the pipeline are zero or non-finite on "
             f"{found.zero_grad_fraction + found.nonfinite_grad_fraction:.0%} of images and no "

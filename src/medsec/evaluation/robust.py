@@ -204,6 +204,11 @@ def _probed(
 ) -> tuple[Deployed, dict[str, Any]]:
     """Probe the pipeline, adapt the attack where the defence declared nothing, note it."""
     found = probe(dep, x.to(ctx.device))
+    declared = (
+        f" The defence declares its own attack view ({dep.bpda}; EOT {dep.eot})."
+        if dep.attack_view is not None
+        else ""
+    )
     dep, done = adapt(dep, found, EOT_SAMPLES, REPEATS)
     ctx.add_note(
         f"{defence.name}: probe on {found.n} images - input-gradient zero fraction "
@@ -215,7 +220,8 @@ def _probed(
         )
         + f"; randomised: {'yes' if found.randomised else 'no'}. Adaptations applied: "
         + ("; ".join(done) if done else "none needed")
-        + ".",
+        + "."
+        + declared,
         family=FAMILY,
         defence=defence.name,
     )
