@@ -68,7 +68,7 @@ def load_dataset(spec: str, *, size: int = 64, **kwargs: Any) -> Dataset:
 _SOURCE_KWARGS: dict[str, tuple[str, ...]] = {
     "medmnist": ("flag", "seed"),
     "folder": ("seed", "val_fraction", "channels"),
-    "dicom": ("seed", "val_fraction", "test_fraction", "channels"),
+    "dicom": ("seed", "val_fraction", "test_fraction", "channels", "window"),
 }
 
 __all__ = ["EMBEDDED", "SIZES", "SPLITS", "Dataset", "Split", "load_dataset"]

@@ -8,7 +8,10 @@ from typing import Any
 import numpy as np
 
 from medsec.errors import MedsecError
+from medsec.imaging.pixels import resize_batch  # the one resize, shared with the service
 from medsec.utils import hash_arrays
+
+__all__ = ["SIZES", "SPLITS", "Dataset", "Split", "resize_batch", "to_float_nchw"]
 
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
@@ -104,18 +107,3 @@ def to_float_nchw(images: np.ndarray, source: str) -> np.ndarray:
     else:
         raise MedsecError(f"{source}: unsupported image dtype {a.dtype}")
     return np.ascontiguousarray(out)
-
-
-def resize_batch(images: np.ndarray, size: int) -> np.ndarray:
-    """Area-style resize of a float NCHW batch to size x size (no-op when already that size)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    import torch
-    import torch.nn.functional as F
-
-    t = torch.from_numpy(images)
-    antialias = images.shape[-1] > size
-    out = F.interpolate(
-        t, size=(size, size), mode="bilinear", antialias=antialias, align_corners=False
-    )
-    return out.clamp_(0, 1).numpy()

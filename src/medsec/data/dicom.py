@@ -1,8 +1,10 @@
 """DICOM files listed in a CSV (``path,label[,split]``), turned into a :class:`Dataset`.
 
-Pixel values go through the modality LUT (rescale to e.g. Hounsfield units) and the VOI LUT
-or window the file asks for, MONOCHROME1 is inverted so bright means dense everywhere, and
-each image is min-max scaled to [0, 1]: what a radiologist's viewer would show.
+Pixels go through :mod:`medsec.imaging.pixels`, the path the service uses too: by default the
+modality LUT (rescale to e.g. Hounsfield units), the VOI LUT or window the file asks for, and a
+per-image min-max to [0, 1] (what a radiologist's viewer shows), or one fixed ``window``.
+MONOCHROME1 is inverted. The resulting input contract is kept in the provenance (``input``) so
+a checkpoint trained on it records it and the service applies exactly the same steps.
 """
 
 from __future__ import annotations
@@ -14,15 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medsec.data.base import SPLITS, Dataset, Split, resize_batch
-from medsec.data.folder import (
-    check_channels,
-    check_fractions,
-    majority_channels,
-    stack_images,
-    stratified_split,
-)
+from medsec.data.base import SPLITS, Dataset, Split
+from medsec.data.folder import check_channels, check_fractions, majority_channels, stratified_split
 from medsec.errors import MedsecError
+from medsec.imaging.pixels import InputContract, dicom_image, fit_image
 
 
 @dataclass(frozen=True)
@@ -43,12 +40,14 @@ def load_dicom_csv(
     val_fraction: float = 0.1,
     test_fraction: float = 0.2,
     channels: int | None = None,
+    window: tuple[float, float] | None = None,
 ) -> Dataset:
     """Load the DICOM images a ``path,label[,split]`` CSV lists, at ``size`` x ``size``.
 
     Paths are relative to the CSV's folder. Labels are all integers (class indices) or all
     names (classes sorted). Without a ``split`` column (or without val rows) the split is
     stratified and seeded; ``channels`` (1 or 3) fixes grayscale/RGB, else the majority decides.
+    ``window`` (center, width in modality units) replaces each file's own VOI and the min-max.
     """
     table = Path(csv_path)
     check_channels(channels)
@@ -56,8 +55,10 @@ def load_dicom_csv(
     rows = _read_csv(table)
     has_split = rows[0].split is not None
     labels, class_names = _labels(table, rows)
-    images = [_read_dicom(table, r, size) for r in rows]
-    stacked = stack_images(images, channels or majority_channels(images), size)
+    intensity = "window" if window is not None else "voi-minmax"
+    images = [_read_dicom(table, r, intensity, window) for r in rows]
+    contract = InputContract(channels or majority_channels(images), size, intensity, window)
+    stacked = np.stack([fit_image(x, contract) for x in images])
     index = _split_rows(table, rows, labels, seed, val_fraction, test_fraction)
     splits = {s: Split(stacked[i], labels[i]) for s, i in index.items()}
     return Dataset(
@@ -72,6 +73,7 @@ def load_dicom_csv(
             "sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
             "files": len(rows),
             "split": "csv column" if has_split else f"stratified (seed {seed})",
+            "input": contract.to_dict(),
         },
     )
 
@@ -130,11 +132,12 @@ def _is_int(text: str) -> bool:
     return True
 
 
-def _read_dicom(table: Path, row: _Row, size: int) -> np.ndarray:
-    """One DICOM image as CHW float32 in [0, 1] at ``size``: LUTs applied, MONOCHROME2."""
+def _read_dicom(
+    table: Path, row: _Row, intensity: str, window: tuple[float, float] | None
+) -> np.ndarray:
+    """One DICOM image as CHW float32 in [0, 1] at its own size (see medsec.imaging.pixels)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     where = f"{table}, line {row.line} ({row.path})"
     try:
@@ -145,28 +148,10 @@ def _read_dicom(table: Path, row: _Row, size: int) -> np.ndarray:
         raise MedsecError(f"{where}: not a readable DICOM file ({e})") from e
     if "PixelData" not in ds:
         raise MedsecError(f"{where}: no pixel data")
-    frames = int(ds.get("NumberOfFrames") or 1)
-    if frames > 1:
-        raise MedsecError(f"{where}: multi-frame image ({frames} frames); export single frames")
     try:
-        a = ds.pixel_array
-    except Exception as e:  # decoders raise many types (missing plugin, corrupt data, ...)
-        raise MedsecError(f"{where}: cannot decode pixel data ({e})") from e
-    if int(ds.get("SamplesPerPixel", 1)) == 1:
-        a = apply_modality_lut(a, ds)
-        windowed = apply_voi_lut(a, ds)
-        # A window far outside the data (seen in real files) flattens the image: skip it.
-        if np.ptp(windowed) > 0:
-            a = windowed
-    x = np.asarray(a, dtype=np.float64)
-    if x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[-1] != 3):
-        raise MedsecError(f"{where}: pixel array of shape {x.shape}; expected one 2D image")
-    lo, hi = float(x.min()), float(x.max())
-    x = (x - lo) / (hi - lo) if hi > lo else np.zeros_like(x)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
-        x = 1.0 - x
-    chw = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
-    return resize_batch(np.ascontiguousarray(chw, dtype=np.float32)[None], size)[0]
+        return dicom_image(ds, intensity, window)
+    except MedsecError as e:
+        raise MedsecError(f"{where}: {e}") from e
 
 
 def _split_rows(

@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         image_size=data.size,
         metrics=metrics,
         settings=vars(cfg),
+        input_contract=data.provenance.get("input"),
     )
     print(
         json.dumps(

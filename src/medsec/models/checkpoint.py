@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from medsec.errors import MedsecError
+from medsec.imaging.pixels import InputContract
 from medsec.models.architectures import Victim, create_model
 from medsec.utils import atomic_write_bytes, sha256_bytes
 
@@ -27,8 +28,22 @@ def save_checkpoint(
     image_size: int,
     metrics: dict[str, Any],
     settings: dict[str, Any],
+    input_contract: dict[str, Any] | None = None,
 ) -> str:
-    """Write atomically; return the SHA-256 of the serialised weights."""
+    """Write atomically; return the SHA-256 of the serialised weights.
+
+    ``input_contract`` (an :class:`InputContract` dict, e.g. a DICOM data set's provenance
+    ``input``) says how pixels become model input; the default is the stored-range contract.
+    """
+    if input_contract is None:
+        contract = InputContract(model.in_channels, image_size)
+    else:
+        contract = InputContract.from_dict(input_contract)
+    if (contract.channels, contract.size) != (model.in_channels, image_size):
+        raise MedsecError(
+            f"input contract {contract.channels}x{contract.size} px does not fit the model "
+            f"({model.in_channels}x{image_size} px)"
+        )
     buf = io.BytesIO()
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
     state = buf.getvalue()
@@ -38,6 +53,7 @@ def save_checkpoint(
         "in_channels": model.in_channels,
         "num_classes": model.num_classes,
         "image_size": image_size,
+        "input": contract.to_dict(),
         "data_hash": data_hash,
         "metrics": metrics,
         "settings": settings,

@@ -137,6 +137,7 @@ def create_app(state: ServiceState) -> FastAPI:
                     "file_sha256": model_sha,
                     "image_size": p.image_size,
                     "channels": p.channels,
+                    "input": p.contract.to_dict(),
                 },
                 "policy": {
                     **p.rules.model_dump(mode="json", include=set(ImageRules.model_fields)),

@@ -2,8 +2,11 @@
 
 An upload is read with pydicom from the request bytes once; that in-memory dataset is what the
 signature check sees and what the pixels come from, so nothing can change between check and
-use. Every refusal is a :class:`Refusal` with an HTTP status, a short code and one line of
-reason (never a traceback).
+use. The signature is verified on the elements as received (for compressed images, the
+encapsulated stream) before any pixel is decoded; decoding then follows the model's input
+contract through :mod:`medsec.imaging.pixels`, the path its training data took. Every
+refusal is a :class:`Refusal` with an HTTP status, a short code and one line of reason (never
+a traceback).
 """
 
 from __future__ import annotations
@@ -12,9 +15,7 @@ import io
 import zlib
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -22,7 +23,8 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
-from medsec.integrity import Status, TrustStore, VerificationResult, dicom_to_image, verify_dataset
+from medsec.imaging.pixels import InputContract, dicom_image, resize_batch
+from medsec.integrity import Status, TrustStore, VerificationResult, verify_dataset
 from medsec.integrity.mac_stream import tag_str, tags_of
 from medsec.service.config import MAC_STRENGTH, ImageRules
 
@@ -70,6 +72,13 @@ class ImagePolicy:
     rules: ImageRules = field(default_factory=ImageRules)
     max_inflated_bytes: int = 4 << 20
     verify: bool = True
+    intensity: str = "stored"  # how stored values become [0, 1]: the model's input contract
+    window: tuple[float, float] | None = None
+
+    @property
+    def contract(self) -> InputContract:
+        """The model's input contract, as its checkpoint records it."""
+        return InputContract(self.channels, self.image_size, self.intensity, self.window)
 
 
 @dataclass(frozen=True)
@@ -188,39 +197,41 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
     if "PixelData" not in ds:
         raise Refusal(422, "bad_pixels", "no Pixel Data (7FE0,0010)")
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None or syntax.is_compressed:
-        raise Refusal(422, "bad_pixels", f"transfer syntax {syntax}: send uncompressed pixels")
+    if syntax is None:
+        raise Refusal(422, "bad_pixels", "no Transfer Syntax UID in the file meta")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1))
         frames = int(ds.get("NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError) as exc:
         raise Refusal(422, "bad_pixels", f"image pixel module incomplete ({exc})") from exc
+    # Bounded before decoding, so a small compressed stream cannot claim a huge image.
     if not (0 < rows <= MAX_DIM and 0 < cols <= MAX_DIM) or frames != 1:
         raise Refusal(
             422, "bad_pixels", f"{frames} frame(s) of {rows}x{cols}: one 2-D image expected"
         )
-    expected = rows * cols * samples * ((int(ds.get("BitsAllocated", 8)) + 7) // 8)
-    if len(ds.PixelData) not in (expected, expected + (expected & 1)):
-        raise Refusal(
-            422, "bad_pixels", f"Pixel Data holds {len(ds.PixelData)} bytes, expected {expected}"
-        )
+    if not syntax.is_encapsulated:
+        expected = rows * cols * samples * ((int(ds.get("BitsAllocated", 8)) + 7) // 8)
+        if len(ds.PixelData) not in (expected, expected + (expected & 1)):
+            raise Refusal(
+                422,
+                "bad_pixels",
+                f"Pixel Data holds {len(ds.PixelData)} bytes, expected {expected}",
+            )
+    contract = policy.contract
     try:
-        image = dicom_to_image(ds)
+        image = dicom_image(ds, contract.intensity, contract.window)
     except MedsecError as exc:
         raise Refusal(422, "bad_pixels", str(exc)) from exc
-    x = torch.from_numpy(np.ascontiguousarray(image if image.ndim == 3 else image[None]))[None]
-    if x.shape[1] != policy.channels:
+    if image.shape[0] != contract.channels:
         raise Refusal(
-            422, "wrong_shape", f"{x.shape[1]} channel(s); the model takes {policy.channels}"
+            422, "wrong_shape", f"{image.shape[0]} channel(s); the model takes {contract.channels}"
         )
-    size = policy.image_size
-    if (rows, cols) == (size, size):
-        return x, False
-    if not policy.rules.resize:
+    size = contract.size
+    if (rows, cols) != (size, size) and not policy.rules.resize:
         raise Refusal(422, "wrong_shape", f"image is {rows}x{cols}; the model takes {size}x{size}")
-    resized = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return resized.clamp_(0.0, 1.0), True
+    x = torch.from_numpy(resize_batch(image[None], size))
+    return x, (rows, cols) != (size, size)
 
 
 def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:

@@ -13,6 +13,7 @@ import torch
 import uvicorn
 
 from medsec.errors import MedsecError
+from medsec.imaging.pixels import InputContract
 from medsec.integrity import TrustStore
 from medsec.service.access import Authenticator, RateLimiter
 from medsec.service.app import ServiceState, create_app
@@ -47,12 +48,15 @@ def build_state(config: ServiceConfig, verify_images: bool = True) -> ServiceSta
     model, meta = load_verified_model(
         config.model.checkpoint, config.model.manifest, model_trust, config.model.sha256
     )
+    contract = InputContract.from_checkpoint_meta(meta)
     policy = ImagePolicy(
         trust=image_trust,
-        channels=int(meta["in_channels"]),
-        image_size=int(meta["image_size"]),
+        channels=contract.channels,
+        image_size=contract.size,
         rules=config.images,
         max_inflated_bytes=config.server.max_inflated_bytes,
+        intensity=contract.intensity,
+        window=contract.window,
         verify=verify_images,
     )
     limits = config.rate_limit
