@@ -54,7 +54,7 @@ CLINICAL = {
     "CT_small.dcm": ("CT", "ExplicitVRLittleEndian"),  # 16-bit signed, rescale
     "MR_small.dcm": ("MR", "ExplicitVRLittleEndian"),
     "JPEG-LL.dcm": ("NM", "JPEGLosslessSV1"),
-    "MR_small_jp2klossless.dcm": ("MR", "JPEG2000Lossless"),
+    "JPEG2000.dcm": ("NM", "JPEG2000"),
     "MR_small_RLE.dcm": ("MR", "RLELossless"),
 }
 
@@ -245,6 +245,8 @@ def test_signed_clinical_files_are_classified_as_the_loader_reads_them(clinical,
         assert resp.status_code == 200, (name, resp.text)
         out = resp.json()
         ds = _read(name)
+        assert ds.file_meta.TransferSyntaxUID == getattr(pydicom.uid, CLINICAL[name][1])
+        assert ds.Modality == CLINICAL[name][0]
         assert out["verification"]["status"] == "VERIFIED"
         assert out["resized"] is ((ds.Rows, ds.Columns) != (SIZE, SIZE))
         assert counting.calls == before + 1

@@ -58,7 +58,8 @@ class ServiceState:
         return checked, {"label": int(proba.argmax()), "probabilities": probs}
 
 
-def _verification_json(result: VerificationResult | None) -> dict[str, Any] | None:
+def verification_json(result: VerificationResult | None) -> dict[str, Any] | None:
+    """The verdict as the response and the audit line give it (HTTP and DIMSE alike)."""
     if result is None:
         return None
     return {
@@ -180,7 +181,7 @@ def create_app(state: ServiceState) -> FastAPI:
             body = await _read_body(request, server.max_body_bytes, server.body_timeout_s)
             body_read = True
             checked, prediction = await run_in_threadpool(state.predict, body)
-            verification = _verification_json(checked.verification)
+            verification = verification_json(checked.verification)
             record.update(
                 sop_instance_uid=checked.sop_instance_uid,
                 verification=verification,
@@ -197,7 +198,7 @@ def create_app(state: ServiceState) -> FastAPI:
                 },
             )
         except Refusal as refusal:
-            record["verification"] = _verification_json(refusal.verification)
+            record["verification"] = verification_json(refusal.verification)
             status = refusal.http_status
             payload = {"error": refusal.reason, "code": refusal.code}
             if refusal.verification is not None:

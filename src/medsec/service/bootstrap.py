@@ -77,6 +77,13 @@ fsync = "always"                # or "never": faster, may lose the last lines on
 rate_per_s = 20
 burst = 40
 
+# Uncomment to also receive images by DICOM C-STORE (a Storage SCP, same gate and audit):
+# [dimse]
+# port = 11112
+# ae_title = "MEDSEC"
+# calling_ae_titles = ["CT01"]   # absent or empty: any calling AE title is accepted
+# tls = true                     # DICOM over TLS with the [tls] certificate (and client_ca)
+
 [[clients]]
 name = ""
 token_sha256 = ""

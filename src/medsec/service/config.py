@@ -36,10 +36,13 @@ CLIENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}$"
 # A listen address: an IPv4/IPv6 literal or a DNS name (no spaces, quotes or control bytes).
 HOST = r"^[A-Za-z0-9:.%_-]{1,253}$"
 HEX64 = r"^[0-9a-fA-F]{64}$"
+# An AE title (PS3.5 VR AE): 1-16 printable ASCII characters, no backslash.
+AE_TITLE = r"^[ -\[\]-~]{1,16}$"
 _PATTERN_HELP = {
     CLIENT_NAME: "use up to 64 letters, digits and . _ @ + - (starting with a letter or digit)",
     HOST: "not an IP address or a DNS name",
     HEX64: "must be 64 hex digits (a SHA-256)",
+    AE_TITLE: "not an AE title (1-16 printable characters, no backslash)",
 }
 
 
@@ -115,6 +118,19 @@ class RateLimitSection(_Section):
     burst: Positive = 40
 
 
+AeTitle = Annotated[str, StringConstraints(strict=True, strip_whitespace=True, pattern=AE_TITLE)]
+
+
+class DimseSection(_Section):
+    """``[dimse]``: the DICOM Storage SCP - where it listens, its AE title, who may call."""
+
+    host: Annotated[str, StringConstraints(strict=True, pattern=HOST)] | None = None  # [server]
+    port: Annotated[StrictInt, Field(ge=0, le=65535)] = 11112
+    ae_title: AeTitle = "MEDSEC"
+    calling_ae_titles: Annotated[tuple[AeTitle, ...], Field(strict=False)] = ()  # (): anyone
+    tls: StrictBool = True  # PS3.15 secure transport with the [tls] certificate and client CA
+
+
 class ClientConfig(_Section):
     """One API client: its name (audited), the SHA-256 of its token, optional rate override."""
 
@@ -133,6 +149,7 @@ class ServiceConfig(_Section):
     images: ImagesSection
     audit: AuditSection
     rate_limit: RateLimitSection = RateLimitSection()
+    dimse: DimseSection | None = None  # None: no DICOM listener
     clients: Annotated[tuple[ClientConfig, ...], Field(strict=False)]
 
     @field_validator("clients")

@@ -100,10 +100,17 @@ def make_server(state: ServiceState, log_level: str = "info") -> GuardedServer:
 
 
 def serve(config: ServiceConfig) -> None:
-    """Verify, then serve until interrupted."""
+    """Verify, then serve (HTTPS, and DICOM C-STORE when ``[dimse]`` is set) until interrupted."""
+    from medsec.service.dimse import StorageSCP
+
     torch.set_num_threads(config.server.torch_threads)
     state = build_state(config)
+    scp = StorageSCP(state, config.dimse) if config.dimse is not None else None
     try:
+        if scp is not None:
+            scp.start()
         make_server(state).run()
     finally:
+        if scp is not None:
+            scp.stop()
         state.audit.close()
