@@ -12,12 +12,8 @@ from __future__ import annotations
 
 import io
 import shutil
-import ssl
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,10 +22,17 @@ import pydicom
 import pytest
 import torch
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
 
-from medsec.data.base import Dataset as Images
-from medsec.data.dicom import load_dicom_csv
+from clinical_service import (
+    CLINICAL,
+    SIZE,
+    Clinical,
+    CountingModel,
+    make_clinical,
+    read,
+    serving,
+    signed_bytes,
+)
 from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, fit_image
 from medsec.integrity import (
@@ -37,34 +40,15 @@ from medsec.integrity import (
     dicom_to_image,
     generate_signer,
     image_to_dicom,
-    sign_dataset,
 )
 from medsec.integrity.dicom_signature import dataset_bytes
-from medsec.models import create_model, load_checkpoint, save_checkpoint
 from medsec.service.app import ServiceState
-from medsec.service.bootstrap import init_service_dir
-from medsec.service.config import ImageRules, load_config
+from medsec.service.config import ImageRules
 from medsec.service.gate import ImagePolicy, Refusal, check_upload
-from medsec.service.server import build_state, make_server
-
-SIZE = 64
-# name -> (modality, transfer syntax keyword): every file the service must accept.
-CLINICAL = {
-    "RG1_UNCI.dcm": ("CR", "ExplicitVRLittleEndian"),  # 15-bit MONOCHROME1
-    "CT_small.dcm": ("CT", "ExplicitVRLittleEndian"),  # 16-bit signed, rescale
-    "MR_small.dcm": ("MR", "ExplicitVRLittleEndian"),
-    "JPEG-LL.dcm": ("NM", "JPEGLosslessSV1"),
-    "JPEG2000.dcm": ("NM", "JPEG2000"),
-    "MR_small_RLE.dcm": ("MR", "RLELossless"),
-}
-
-
-def _read(name: str) -> Dataset:
-    return pydicom.dcmread(get_testdata_file(name))
 
 
 def _image(name: str, intensity: str = "stored", window=None) -> np.ndarray:
-    return dicom_image(_read(name), intensity, window)
+    return dicom_image(read(name), intensity, window)
 
 
 # ------------------------------------------------------------------------ the pixel path
@@ -82,7 +66,7 @@ def test_stored_contract_is_the_secondary_capture_decoding():
 
 
 def test_monochrome1_cr_is_inverted_over_its_15_bit_range():
-    ds = _read("RG1_UNCI.dcm")
+    ds = read("RG1_UNCI.dcm")
     stored = ds.pixel_array.astype(np.float64)
     assert (ds.BitsStored, ds.PhotometricInterpretation) == (15, "MONOCHROME1")
     x = dicom_image(ds, "stored")[0]
@@ -94,7 +78,7 @@ def test_monochrome1_cr_is_inverted_over_its_15_bit_range():
 
 
 def test_ct_rescale_and_fixed_window_in_hounsfield_units():
-    ds = _read("CT_small.dcm")
+    ds = read("CT_small.dcm")
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     assert ds.PixelRepresentation == 1 and float(ds.RescaleIntercept) != 0
     x = dicom_image(ds, "window", (40.0, 400.0))[0]
@@ -120,7 +104,7 @@ def test_ct_rescale_and_fixed_window_in_hounsfield_units():
     ],
 )
 def test_lossless_encodings_decode_to_the_same_image(compressed: str, plain: str):
-    assert _read(compressed).file_meta.TransferSyntaxUID.is_compressed
+    assert read(compressed).file_meta.TransferSyntaxUID.is_compressed
     for intensity in ("stored", "voi-minmax"):
         np.testing.assert_array_equal(_image(compressed, intensity), _image(plain, intensity))
 
@@ -133,7 +117,7 @@ def test_ybr_is_rgb_and_bad_inputs_are_one_line_errors():
         _image("SC_rgb.dcm", "window", (40.0, 400.0))
     with pytest.raises(MedsecError, match="multi-frame"):
         _image("emri_small_jpeg_2k_lossless.dcm")
-    broken = _read("MR_small_RLE.dcm")
+    broken = read("MR_small_RLE.dcm")
     broken.PixelData = broken.PixelData[:-400]
     with pytest.raises(MedsecError, match="cannot decode pixel data"):
         dicom_image(broken)
@@ -144,93 +128,20 @@ def test_ybr_is_rgb_and_bad_inputs_are_one_line_errors():
 # ------------------------------------------------------------- the service, over TLS
 
 
-@dataclass
-class Clinical:
-    config_path: Path
-    token: str
-    ca: ssl.SSLContext
-    key: Path
-    cert: Path
-    data: Images  # what the dicom: loader made of the same files
-    names: list[str]
-    model: torch.nn.Module
-
-
-class CountingModel(torch.nn.Module):
-    """The served model, counting its calls: proves nothing refused reaches it."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model, self.calls = model, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model(x)
-
-
 @pytest.fixture(scope="module")
 def clinical(tmp_path_factory: pytest.TempPathFactory) -> Clinical:
-    root = tmp_path_factory.mktemp("clinical")
-    names = list(CLINICAL)
-    table = root / "labels.csv"
-    rows = [f"{get_testdata_file(n)},{i % 2},{s}" for s in ("train", "test") for i, n in
-            enumerate(names)]  # fmt: skip
-    table.write_text("path,label,split\n" + "\n".join(rows) + "\n")
-    data = load_dicom_csv(str(table), size=SIZE, val_fraction=0.0)
-    torch.manual_seed(0)
-    model = create_model("small-cnn", in_channels=1, num_classes=2, image_size=SIZE).eval()
-    save_checkpoint(
-        root / "victim.pt", model, arch="small-cnn", data_hash=data.content_hash,
-        image_size=SIZE, metrics={}, settings={}, input_contract=data.provenance["input"],
-    )  # fmt: skip
-    assert load_checkpoint(root / "victim.pt")[1]["input"]["intensity"] == "voi-minmax"
-    result = init_service_dir(root / "svc", root / "victim.pt", port=0, client="pacs")
-    text = result.config.read_text()
-    text = text.replace("max_body_bytes = 1048576", "max_body_bytes = 16777216")
-    text = text.replace('modalities = ["OT"]', 'modalities = ["CR", "CT", "MR", "NM"]')
-    text = text.replace("resize = false", "resize = true")
-    result.config.write_text(text)
-    assert result.modality_key is not None and result.modality_cert is not None
-    return Clinical(
-        config_path=result.config,
-        token=result.token,
-        ca=ssl.create_default_context(cafile=str(result.ca_cert)),
-        key=result.modality_key,
-        cert=result.modality_cert,
-        data=data,
-        names=names,
-        model=model,
-    )
+    return make_clinical(tmp_path_factory.mktemp("clinical"))
 
 
 @pytest.fixture(scope="module")
 def served(clinical: Clinical) -> Iterator[tuple[httpx.Client, ServiceState, CountingModel]]:
-    state = build_state(load_config(clinical.config_path))
-    counting = CountingModel(state.model)
-    state.model = counting  # type: ignore[assignment]
-    server = make_server(state, log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    url = f"https://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, verify=clinical.ca, timeout=60) as client:
-        yield client, state, counting
-    server.should_exit = True
-    thread.join(timeout=20)
-    state.audit.close()
+    with serving(clinical) as running:
+        yield running
 
 
 def _post(client: httpx.Client, body: bytes, token: str) -> httpx.Response:
     headers = {"Content-Type": "application/dicom", "Authorization": f"Bearer {token}"}
     return client.post("/v1/predict", content=body, headers=headers)
-
-
-def _signed_bytes(name: str, key: Path, cert: Path) -> bytes:
-    return dataset_bytes(sign_dataset(_read(name), key, cert, profile="creator"))
 
 
 def test_signed_clinical_files_are_classified_as_the_loader_reads_them(clinical, served):
@@ -239,12 +150,12 @@ def test_signed_clinical_files_are_classified_as_the_loader_reads_them(clinical,
     info = client.get("/v1/info", headers={"Authorization": f"Bearer {clinical.token}"})
     assert info.json()["model"]["input"]["intensity"] == "voi-minmax"
     for i, name in enumerate(clinical.names):
-        body = _signed_bytes(name, clinical.key, clinical.cert)
+        body = signed_bytes(name, clinical.key, clinical.cert)
         before = counting.calls
         resp = _post(client, body, clinical.token)
         assert resp.status_code == 200, (name, resp.text)
         out = resp.json()
-        ds = _read(name)
+        ds = read(name)
         assert ds.file_meta.TransferSyntaxUID == getattr(pydicom.uid, CLINICAL[name][1])
         assert ds.Modality == CLINICAL[name][0]
         assert out["verification"]["status"] == "VERIFIED"
@@ -261,7 +172,7 @@ def test_tampered_compressed_stream_and_unknown_signer_never_reach_the_model(
     clinical, served, tmp_path: Path
 ):
     client, _, counting = served
-    signed = pydicom.dcmread(io.BytesIO(_signed_bytes("JPEG-LL.dcm", clinical.key, clinical.cert)))
+    signed = pydicom.dcmread(io.BytesIO(signed_bytes("JPEG-LL.dcm", clinical.key, clinical.cert)))
     frag = bytearray(signed.PixelData)
     frag[len(frag) // 2] ^= 0x01  # one bit of the JPEG Lossless bit stream
     signed.PixelData = bytes(frag)
@@ -269,7 +180,7 @@ def test_tampered_compressed_stream_and_unknown_signer_never_reach_the_model(
     before = counting.calls
     tampered = _post(client, dataset_bytes(signed), clinical.token)
     assert (tampered.status_code, tampered.json()["code"]) == (403, "tampered")
-    rogue = _post(client, _signed_bytes("CT_small.dcm", rogue_key, rogue_cert), clinical.token)
+    rogue = _post(client, signed_bytes("CT_small.dcm", rogue_key, rogue_cert), clinical.token)
     assert (rogue.status_code, rogue.json()["code"]) == (403, "untrusted_signer")
     unsigned = _post(client, Path(get_testdata_file("MR_small.dcm")).read_bytes(), clinical.token)
     assert (unsigned.status_code, unsigned.json()["code"]) == (403, "unsigned")
@@ -292,7 +203,7 @@ def test_dcmsign_signed_ct_is_accepted(clinical, served, tmp_path: Path):
 
 def test_rgb_ultrasound_j2k_through_the_gate(tmp_path: Path):
     key, cert = generate_signer(tmp_path / "us", "ultrasound")
-    body = _signed_bytes("US1_J2KR.dcm", key, cert)
+    body = signed_bytes("US1_J2KR.dcm", key, cert)
     rules = ImageRules(modalities=("US",), resize=True)
     policy = ImagePolicy(TrustStore.from_dir(tmp_path / "us"), 3, SIZE, rules)
     checked = check_upload(body, policy)

@@ -30,6 +30,7 @@ import torch
 from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
+from clinical_service import CountingModel
 from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, fit_image
 from medsec.integrity import generate_signer, sign_dataset
@@ -38,24 +39,13 @@ from medsec.models import create_model, save_checkpoint
 from medsec.service.audit import verify_log
 from medsec.service.bootstrap import init_service_dir
 from medsec.service.config import DimseSection, load_config, parse_config
-from medsec.service.dimse import CANNOT_UNDERSTAND, NOT_AUTHORIZED, SUCCESS, StorageSCP
+from medsec.service.dimse import SUCCESS, StorageSCP
+from medsec.service.gate import CANNOT_UNDERSTAND, NOT_AUTHORIZED
 from medsec.service.server import build_state
 
 SIZE = 64
 CONTRACT = InputContract(1, SIZE, "voi-minmax")
 SIGNED = ("CT_small.dcm", "JPEG-LL.dcm", "JPEG2000.dcm", "MR_small_RLE.dcm")
-
-
-class CountingModel(torch.nn.Module):
-    """The served model, counting its calls."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model, self.calls = model, 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        return self.model(x)
 
 
 @dataclass

@@ -25,28 +25,12 @@ from pynetdicom.transport import ThreadedAssociationServer
 from medsec.errors import MedsecError
 from medsec.service.app import ServiceState, verification_json
 from medsec.service.config import DimseSection, ServiceConfig
-from medsec.service.gate import Refusal
+from medsec.service.gate import PROCESSING_FAILURE, Refusal, dicom_status
 
 log = logging.getLogger("medsec.service.dimse")
 
-# C-STORE statuses (PS3.7 C.4 general, PS3.4 B.2.3 storage): a verdict on the image is
-# "Refused: Not Authorized"; the sender's limits "Refused: Out of Resources"; the rest
-# "Error: Cannot understand"; our own failure "Processing failure".
 SUCCESS = 0x0000
-NOT_AUTHORIZED = 0x0124
-OUT_OF_RESOURCES = 0xA700
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
 _COMMENT_MAX = 64  # Error Comment (0000,0902) is an LO
-
-
-def dimse_status(refusal: Refusal) -> int:
-    """The C-STORE failure status for a gate refusal."""
-    if refusal.http_status == 403:
-        return NOT_AUTHORIZED
-    if refusal.http_status in (413, 429):
-        return OUT_OF_RESOURCES
-    return CANNOT_UNDERSTAND
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -154,7 +138,7 @@ class StorageSCP:
                 reason=None,
             )
         except Refusal as refusal:
-            status = dimse_status(refusal)
+            status = dicom_status(refusal)
             record.update(
                 sop_instance_uid=refusal.sop_instance_uid,
                 verification=verification_json(refusal.verification),

@@ -59,6 +59,7 @@ class Refusal(Exception):
         self.reason = " ".join(reason.split())  # one line, whatever the source said
         self.verification = verification
         self.sop_instance_uid: str | None = None  # set once the upload has parsed
+        self.sop_class_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,7 @@ class CheckedImage:
     tensor: torch.Tensor
     verification: VerificationResult | None
     resized: bool
+    sop_class_uid: str = ""
 
 
 def _dataset_start(body: bytes) -> tuple[int, str | None]:
@@ -244,5 +246,25 @@ def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
         tensor, resized = _pixels(ds, policy)
     except Refusal as refusal:
         refusal.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
+        refusal.sop_class_uid = str(ds.get("SOPClassUID", ""))
         raise
-    return CheckedImage(str(ds.get("SOPInstanceUID", "")), tensor, verification, resized)
+    uids = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+    return CheckedImage(uids[0], tensor, verification, resized, uids[1])
+
+
+# DICOM statuses for a refusal, shared by C-STORE (Status) and STOW-RS (Failure Reason):
+# a verdict on the image is "Refused: Not Authorized" (PS3.7 C.4), the sender's limits
+# "Refused: Out of Resources", anything else "Error: Cannot understand" (PS3.4 B.2.3).
+NOT_AUTHORIZED = 0x0124
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+def dicom_status(refusal: Refusal) -> int:
+    """The DICOM failure status for a gate refusal."""
+    if refusal.http_status == 403:
+        return NOT_AUTHORIZED
+    if refusal.http_status in (413, 429):
+        return OUT_OF_RESOURCES
+    return CANNOT_UNDERSTAND

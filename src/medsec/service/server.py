@@ -19,6 +19,7 @@ from medsec.service.access import Authenticator, RateLimiter
 from medsec.service.app import ServiceState, create_app
 from medsec.service.audit import AuditLog
 from medsec.service.config import ServiceConfig
+from medsec.service.dicomweb import add_stow_route
 from medsec.service.gate import ImagePolicy
 from medsec.service.model_integrity import load_verified_model
 from medsec.service.transport import GuardedServer, guarded
@@ -80,9 +81,11 @@ def make_server(state: ServiceState, log_level: str = "info") -> GuardedServer:
     """A uvicorn server for ``state`` with TLS (and client certificates when configured),
     a deadline for the TLS handshake and for request headers, and a cap on open connections."""
     cfg = state.config
+    app = create_app(state)
+    add_stow_route(app, state)
     return GuardedServer(
         uvicorn.Config(
-            create_app(state),
+            app,
             host=cfg.server.host,
             port=cfg.server.port,
             http=guarded(cfg.server.header_timeout_s, cfg.server.max_connections),
