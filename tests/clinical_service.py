@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 
 from medsec.data.base import Dataset as Images
 from medsec.data.dicom import load_dicom_csv
-from medsec.integrity import sign_dataset
+from medsec.integrity import generate_signer, sign_dataset
 from medsec.integrity.dicom_signature import dataset_bytes
 from medsec.models import create_model, load_checkpoint, save_checkpoint
 from medsec.service.app import ServiceState
@@ -77,9 +77,10 @@ class Clinical:
     model: torch.nn.Module
 
 
-def make_clinical(root: Path) -> Clinical:
+def make_clinical(root: Path, reports: bool = False) -> Clinical:
     """The dicom: loader's data set of the CLINICAL files, an untrained model whose checkpoint
-    records that input contract, and a service directory that takes those modalities."""
+    records that input contract, and a service directory that takes those modalities; with
+    ``reports``, a [results] section and an EC key of the service that signs the SRs."""
     names = list(CLINICAL)
     table = root / "labels.csv"
     rows = [f"{get_testdata_file(n)},{i % 2},{s}" for s in ("train", "test") for i, n in
@@ -98,6 +99,9 @@ def make_clinical(root: Path) -> Clinical:
     text = text.replace("max_body_bytes = 1048576", "max_body_bytes = 16777216")
     text = text.replace('modalities = ["OT"]', 'modalities = ["CR", "CT", "MR", "NM"]')
     text = text.replace("resize = false", "resize = true")
+    if reports:
+        key, cert = generate_signer(root / "report_signer", "medsec service", "ec")
+        text += f'\n[results]\ndir = "reports"\nkey = "{key}"\ncert = "{cert}"\n'
     result.config.write_text(text)
     assert result.modality_key is not None and result.modality_cert is not None
     return Clinical(

@@ -8,8 +8,11 @@ reach the model; 200/202/409 follow the standard; every instance has its audit l
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,17 +24,19 @@ import torch
 from pydicom.data import get_testdata_file
 
 from clinical_service import Clinical, CountingModel, make_clinical, read, serving, signed_bytes
-from medsec.integrity import generate_signer
+from medsec.errors import MedsecError
+from medsec.integrity import TrustStore, generate_signer, verify_dataset
 from medsec.integrity.dicom_signature import dataset_bytes
 from medsec.service.app import ServiceState
 from medsec.service.audit import verify_log
 from medsec.service.dicomweb import split_related
 from medsec.service.gate import Refusal
+from medsec.service.reports import ReportWriter
 
 
 @pytest.fixture(scope="module")
 def clinical(tmp_path_factory: pytest.TempPathFactory) -> Clinical:
-    return make_clinical(tmp_path_factory.mktemp("stow"))
+    return make_clinical(tmp_path_factory.mktemp("stow"), reports=True)
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +143,65 @@ def test_split_related_keeps_binary_parts_byte_for_byte():
     ]
     with pytest.raises(Refusal, match="no multipart boundary"):
         split_related(body, "other")
+
+
+def test_each_accepted_instance_gets_a_signed_sr_referencing_it(clinical, served, tmp_path: Path):
+    client = served[0]
+    source = read("CT_small.dcm")
+    resp = _stow(
+        client,
+        clinical.token,
+        _related(
+            [("application/dicom", signed_bytes("CT_small.dcm", clinical.key, clinical.cert))]
+        ),
+    )
+    assert resp.status_code == 200, resp.text
+    item = resp.json()["00081199"]["Value"][0]
+    assert item["00090010"]["Value"] == ["MEDSEC"]
+    probabilities = item["00091002"]["Value"]
+    sr_path = clinical.config_path.parent / "reports" / f"{item['00091003']['Value'][0]}.dcm"
+    sr = pydicom.dcmread(sr_path)
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert (sr.StudyInstanceUID, sr.PatientID) == (source.StudyInstanceUID, source.PatientID)
+    assert sr.PreliminaryFlag == "PRELIMINARY" and sr.CompletionFlag == "COMPLETE"
+    evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
+    assert evidence.StudyInstanceUID == source.StudyInstanceUID
+    series = evidence.ReferencedSeriesSequence[0]
+    assert series.SeriesInstanceUID == source.SeriesInstanceUID
+    assert series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    numbers = [c.MeasuredValueSequence[0].NumericValue for c in _walk(sr) if c.ValueType == "NUM"]
+    np.testing.assert_allclose([float(v) for v in numbers], probabilities, atol=1e-6)
+    service = TrustStore.from_dir(clinical.config_path.parent.parent / "report_signer")
+    assert verify_dataset(sr, service, require_creator=False).ok
+    dcmsign = shutil.which("dcmsign")
+    assert dcmsign, "dcmsign (DCMTK) is not installed: run `make sysdeps`"
+    cert = next((clinical.config_path.parent.parent / "report_signer").glob("*cert*.pem"))
+    check = subprocess.run(
+        [dcmsign, "--verify", "+cf", str(cert), str(sr_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    audit = json.loads(
+        (clinical.config_path.parent / "audit" / "audit.jsonl").read_text().splitlines()[-1]
+    )
+    assert (
+        audit["prediction"]["report"]["sha256"] == hashlib.sha256(sr_path.read_bytes()).hexdigest()
+    )
+
+
+def _walk(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
+
+
+def test_report_writer_refuses_to_start_with_a_bad_key_or_folder(tmp_path: Path):
+    key, cert = generate_signer(tmp_path / "svc", "medsec service", "ec")
+    ReportWriter(tmp_path / "out", key, cert, "small-cnn", "0" * 64).check()
+    with pytest.raises(MedsecError, match=r"\[results\] signing key"):
+        ReportWriter(tmp_path / "out", tmp_path / "absent.pem", cert, "a", "0" * 64).check()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MedsecError, match="not writable"):
+        ReportWriter(tmp_path / "file" / "out", key, cert, "a", "0" * 64).check()

@@ -303,8 +303,13 @@ token_sha256 = "%s"
     return tomllib.loads(base + dimse)
 
 
-def test_dimse_config_is_validated():
-    assert parse_config(_config(""), Path("/x")).dimse is None
+def test_dimse_and_results_config_are_validated():
+    plain = parse_config(_config(""), Path("/x"))
+    assert plain.dimse is None and plain.results is None
+    results = parse_config(_config('[results]\ndir = "r"\nkey = "k"\ncert = "c"'), Path("/x"))
+    assert results.results is not None and results.results.dir == Path("/x/r")
+    with pytest.raises(MedsecError, match=r"\[results\]: missing 'cert'"):
+        parse_config(_config('[results]\ndir = "r"\nkey = "k"'), Path("/x"))
     dimse = parse_config(_config('[dimse]\ncalling_ae_titles = ["CT1"]'), Path("/x")).dimse
     assert dimse == DimseSection(host=None, port=11112, ae_title="MEDSEC",
                                  calling_ae_titles=("CT1",), tls=True)  # fmt: skip

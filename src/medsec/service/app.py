@@ -29,6 +29,7 @@ from medsec.service.access import Authenticator, RateLimiter
 from medsec.service.audit import AuditLog
 from medsec.service.config import ImageRules, ServiceConfig
 from medsec.service.gate import CheckedImage, ImagePolicy, Refusal, check_upload
+from medsec.service.reports import ReportWriter
 
 log = logging.getLogger("medsec.service")
 DICOM_TYPES = ("application/dicom", "application/octet-stream")
@@ -45,6 +46,7 @@ class ServiceState:
     auth: Authenticator
     limiter: RateLimiter
     audit: AuditLog
+    reports: ReportWriter | None = None  # [results]: a signed DICOM SR per prediction
 
     def __post_init__(self) -> None:
         self._model_lock = threading.Lock()
@@ -55,7 +57,10 @@ class ServiceState:
         with self._model_lock, torch.inference_mode():
             proba = torch.softmax(self.model(checked.tensor), dim=1)[0]
         probs = [round(float(p), 6) for p in proba]
-        return checked, {"label": int(proba.argmax()), "probabilities": probs}
+        prediction: dict[str, Any] = {"label": int(proba.argmax()), "probabilities": probs}
+        if self.reports is not None and checked.dataset is not None:
+            prediction["report"] = self.reports.write(checked.dataset, prediction)
+        return checked, prediction
 
 
 def verification_json(result: VerificationResult | None) -> dict[str, Any] | None:

@@ -131,6 +131,14 @@ class DimseSection(_Section):
     tls: StrictBool = True  # PS3.15 secure transport with the [tls] certificate and client CA
 
 
+class ResultsSection(_Section):
+    """``[results]``: where signed DICOM SR reports go and the service key that signs them."""
+
+    dir: ConfigPath
+    key: ConfigPath
+    cert: ConfigPath
+
+
 class ClientConfig(_Section):
     """One API client: its name (audited), the SHA-256 of its token, optional rate override."""
 
@@ -150,6 +158,7 @@ class ServiceConfig(_Section):
     audit: AuditSection
     rate_limit: RateLimitSection = RateLimitSection()
     dimse: DimseSection | None = None  # None: no DICOM listener
+    results: ResultsSection | None = None  # None: predictions are not written as DICOM SR
     clients: Annotated[tuple[ClientConfig, ...], Field(strict=False)]
 
     @field_validator("clients")

@@ -6,7 +6,9 @@ bytes as received (signature before any decoding), accepted ones are classified,
 instance gets its own audit line. The answer is the standard store response in DICOM JSON:
 ReferencedSOPSequence for stored (here: verified and classified) instances, FailedSOPSequence
 with a Failure Reason for refused ones; 200 when all passed, 202 when some failed, 409 when
-none passed. Nothing is kept, so no RetrieveURL is given.
+none passed. Each referenced item also carries the verdict as private attributes (creator
+"MEDSEC"): label, probabilities and the UID of the signed SR report when [results] is set.
+Images are not kept, so no RetrieveURL is given.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from medsec.service.app import ServiceState, _read_body, verification_json
 from medsec.service.gate import PROCESSING_FAILURE, Refusal, dicom_status
 
 DICOM_JSON = "application/dicom+json"
+PRIVATE_CREATOR = "MEDSEC"
 _HEADERS = BytesHeaderParser(policy=email.policy.HTTP)
 
 
@@ -70,6 +73,19 @@ def split_related(body: bytes, boundary: str) -> list[tuple[str, bytes]]:
 
 def _uid(vr: str, value: str | int) -> dict[str, Any]:
     return {"vr": vr, "Value": [value]}
+
+
+def _result(prediction: dict[str, Any]) -> dict[str, Any]:
+    """The verdict as private attributes of a referenced item (creator "MEDSEC", group 0009):
+    predicted label, class probabilities and, with [results], the signed SR's UID."""
+    out = {
+        "00090010": {"vr": "LO", "Value": [PRIVATE_CREATOR]},
+        "00091001": _uid("US", prediction["label"]),
+        "00091002": {"vr": "FD", "Value": prediction["probabilities"]},
+    }
+    if "report" in prediction:
+        out["00091003"] = _uid("UI", prediction["report"]["sop_instance_uid"])
+    return out
 
 
 def _store_response(stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> dict:
@@ -178,6 +194,6 @@ def add_stow_route(app: FastAPI, state: ServiceState) -> None:
             if status:
                 failed.append({**item, "00081197": _uid("US", status)})
             else:
-                stored.append(item)
+                stored.append({**item, **_result(line["prediction"])})
         code = 200 if not failed else 202 if stored else 409
         return JSONResponse(_store_response(stored, failed), code, media_type=DICOM_JSON)

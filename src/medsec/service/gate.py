@@ -91,6 +91,7 @@ class CheckedImage:
     verification: VerificationResult | None
     resized: bool
     sop_class_uid: str = ""
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)  # for the report
 
 
 def _dataset_start(body: bytes) -> tuple[int, str | None]:
@@ -249,7 +250,7 @@ def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
         refusal.sop_class_uid = str(ds.get("SOPClassUID", ""))
         raise
     uids = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
-    return CheckedImage(uids[0], tensor, verification, resized, uids[1])
+    return CheckedImage(uids[0], tensor, verification, resized, uids[1], ds)
 
 
 # DICOM statuses for a refusal, shared by C-STORE (Status) and STOW-RS (Failure Reason):

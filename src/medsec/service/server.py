@@ -22,6 +22,7 @@ from medsec.service.config import ServiceConfig
 from medsec.service.dicomweb import add_stow_route
 from medsec.service.gate import ImagePolicy
 from medsec.service.model_integrity import load_verified_model
+from medsec.service.reports import ReportWriter
 from medsec.service.transport import GuardedServer, guarded
 
 
@@ -66,6 +67,16 @@ def build_state(config: ServiceConfig, verify_images: bool = True) -> ServiceSta
         for c in config.clients
         if c.rate_per_s is not None or c.burst is not None
     }
+    reports = None
+    if config.results is not None:
+        reports = ReportWriter(
+            config.results.dir,
+            config.results.key,
+            config.results.cert,
+            meta["arch"],
+            meta["file_sha256"],
+        )
+        reports.check()
     return ServiceState(
         config=config,
         model=model,
@@ -74,6 +85,7 @@ def build_state(config: ServiceConfig, verify_images: bool = True) -> ServiceSta
         auth=Authenticator(config.clients),
         limiter=RateLimiter(limits.rate_per_s, limits.burst, overrides),
         audit=AuditLog(config.audit.path, config.audit.fsync),
+        reports=reports,
     )
 
 
