@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-# DCMTK (dcmsign) is the reference implementation our signatures are tested against.
+# DCMTK (dcmsign, storescu) is the reference implementation our signatures and DICOM ingest
+# are tested against; Orthanc is the real PACS of the end-to-end C-STORE test.
 sysdeps:
-	@command -v dcmsign >/dev/null 2>&1 || { \
+	@{ command -v dcmsign && command -v Orthanc; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk orthanc; }
 
 run: venv
 	$(BIN)/medsec reproduce --out results

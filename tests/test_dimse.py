@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 import pytest
@@ -75,7 +76,7 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scp]:
     text = text.replace('modalities = ["OT"]', 'modalities = ["CR", "CT", "MR", "NM"]')
     text = text.replace("resize = false", "resize = true")
     text += '\n[dimse]\nport = 0\nae_title = "MEDSEC"\n'
-    text += 'calling_ae_titles = ["MODALITY", "STORESCU"]\ntls = false\n'
+    text += 'calling_ae_titles = ["MODALITY", "STORESCU", "ORTHANC"]\ntls = false\n'
     init.config.write_text(text)
     assert init.modality_key is not None and init.modality_cert is not None
     files = root / "files"
@@ -281,6 +282,70 @@ def test_medsec_serve_also_listens_for_c_store_over_tls(scp: Scp, tmp_path: Path
         proc.wait(timeout=20)
     log = tmp_path / "svc" / "audit" / "audit.jsonl"
     assert verify_log(log).lines == 1 and _audit(log)[0]["code"] == "ok"
+
+
+def test_orthanc_pacs_forwards_to_the_scp(scp: Scp, tmp_path: Path):
+    """modality (storescu) -> Orthanc (a real PACS) -> C-STORE to medsec: the signatures survive
+    the PACS, refused instances fail Orthanc's forward with 0x0124 and never reach the model."""
+    orthanc = shutil.which("Orthanc")
+    assert orthanc, "Orthanc is not installed: run `make sysdeps` (apt-get install orthanc)"
+    http, dicom = _free_port(), _free_port()
+    (tmp_path / "db").mkdir()
+    config = {
+        "Name": "medsec-test", "StorageDirectory": str(tmp_path / "db"),
+        "IndexDirectory": str(tmp_path / "db"), "HttpPort": http, "DicomPort": dicom,
+        "DicomAet": "ORTHANC", "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
+        "Plugins": [], "DicomModalities": {"medsec": ["MEDSEC", "127.0.0.1", scp.port]},
+    }  # fmt: skip
+    (tmp_path / "orthanc.json").write_text(json.dumps(config))
+    log = (tmp_path / "orthanc.log").open("w")
+    proc = subprocess.Popen([orthanc, str(tmp_path / "orthanc.json")], stdout=log, stderr=log)
+    try:
+        rest = httpx.Client(base_url=f"http://127.0.0.1:{http}", timeout=60)
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "orthanc.log").read_text()
+            try:
+                rest.get("/system").raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "Orthanc did not start"
+                time.sleep(0.2)
+        # distinct SOP Instance UIDs: Orthanc keeps the first instance it gets per UID
+        sent = {
+            "CT_small.dcm": ("-xe", "ok", 200),
+            "JPEG2000.dcm": ("-xw", "ok", 200),
+            "tampered.dcm": ("-xs", "tampered", 500),
+            "unsigned.dcm": ("-xe", "unsigned", 500),
+            "ultrasound.dcm": ("-xv", "wrong_modality", 500),
+        }
+        for name, (option, _, _) in sent.items():
+            cmd = ["storescu", option, "-aet", "MODALITY", "-aec", "ORTHANC", "127.0.0.1",
+                   str(dicom), str(scp.files / name)]  # fmt: skip
+            assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+        stored = {
+            i["MainDicomTags"]["SOPInstanceUID"]: i["ID"]
+            for i in rest.get("/instances", params={"expand": ""}).json()
+        }
+        for name, (_, code, http_status) in sent.items():
+            calls = scp.counting.calls
+            uid = pydicom.dcmread(scp.files / name, stop_before_pixels=True).SOPInstanceUID
+            body = {"Resources": [stored[uid]], "Synchronous": True}
+            resp = rest.post("/modalities/medsec/store", json=body)
+            assert resp.status_code == http_status, resp.text
+            if code in ("tampered", "unsigned"):
+                assert "0x0124" in resp.json()["Details"]
+            line = _audit(scp.audit)[-1]
+            assert (line["client"], line["code"], line["sop_instance_uid"]) == (
+                "dimse:ORTHANC", code, uid,
+            )  # fmt: skip
+            assert scp.counting.calls == calls + (code == "ok")
+        rest.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+    assert verify_log(scp.audit).ok
 
 
 def _config(dimse: str) -> dict:
