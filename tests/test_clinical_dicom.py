@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,7 +44,7 @@ from medsec.integrity import (
 )
 from medsec.integrity.dicom_signature import dataset_bytes
 from medsec.service.app import ServiceState
-from medsec.service.config import ImageRules
+from medsec.service.config import DimseSection, ImageRules, parse_config
 from medsec.service.gate import ImagePolicy, Refusal, check_upload
 
 
@@ -213,3 +214,47 @@ def test_rgb_ultrasound_j2k_through_the_gate(tmp_path: Path):
     with pytest.raises(Refusal) as exc:
         check_upload(body, grey)
     assert (exc.value.http_status, exc.value.code) == (422, "wrong_shape")
+
+
+# ------------------------------------------------------------- config sections
+
+
+def _config(dimse: str) -> dict:
+    base = """
+[tls]
+cert = "c.pem"
+key = "k.pem"
+[model]
+checkpoint = "m.pt"
+manifest = "m.sig"
+trust = "t"
+[images]
+trust = "i"
+[audit]
+path = "a.jsonl"
+[[clients]]
+name = "a"
+token_sha256 = "%s"
+""" % ("0" * 64)
+    return tomllib.loads(base + dimse)
+
+
+def test_dimse_and_results_config_sections_are_validated():
+    plain = parse_config(_config(""), Path("/x"))
+    assert plain.dimse is None and plain.results is None
+    results = parse_config(_config('[results]\ndir = "r"\nkey = "k"\ncert = "c"'), Path("/x"))
+    assert results.results is not None and results.results.dir == Path("/x/r")
+    with pytest.raises(MedsecError, match=r"\[results\]: missing 'cert'"):
+        parse_config(_config('[results]\ndir = "r"\nkey = "k"'), Path("/x"))
+    dimse = parse_config(_config('[dimse]\ncalling_ae_titles = ["CT1"]'), Path("/x")).dimse
+    assert dimse == DimseSection(host=None, port=11112, ae_title="MEDSEC",
+                                 calling_ae_titles=("CT1",), tls=True)  # fmt: skip
+    for bad, message in [
+        ('ae_title = "A_TITLE_FAR_TOO_LONG"', "not an AE title"),
+        ('calling_ae_titles = ["OK", ""]', "not an AE title"),
+        ("port = 70000", "less than or equal to 65535"),
+        ('tls = "yes"', "valid boolean"),
+        ("aet = 1", "unknown key 'aet'"),
+    ]:
+        with pytest.raises(MedsecError, match=message):
+            parse_config(_config(f"[dimse]\n{bad}"), Path("/x"))

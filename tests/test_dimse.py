@@ -18,7 +18,6 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +31,13 @@ from pydicom.data import get_testdata_file
 from pynetdicom import AE
 
 from clinical_service import CountingModel
-from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, fit_image
 from medsec.integrity import generate_signer, sign_dataset
 from medsec.integrity.dicom_signature import dataset_bytes
 from medsec.models import create_model, save_checkpoint
 from medsec.service.audit import verify_log
 from medsec.service.bootstrap import init_service_dir
-from medsec.service.config import DimseSection, load_config, parse_config
+from medsec.service.config import DimseSection, load_config
 from medsec.service.dimse import SUCCESS, StorageSCP
 from medsec.service.gate import CANNOT_UNDERSTAND, NOT_AUTHORIZED
 from medsec.service.server import build_state
@@ -104,7 +102,8 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scp]:
 
 def _variants(files: Path, root: Path, key: Path, cert: Path) -> None:
     """Bad copies: tampered by one bit of the JPEG stream, unsigned, signed by an unknown key,
-    and a trusted-signed ultrasound (a modality this service does not take)."""
+    and a trusted-signed ultrasound (a modality this service does not take); and a CT signed
+    by DCMTK's dcmsign with the trusted key."""
     signed = pydicom.dcmread(files / "JPEG-LL.dcm")
     stream = bytearray(signed.PixelData)
     stream[len(stream) // 2] ^= 0x01
@@ -116,6 +115,11 @@ def _variants(files: Path, root: Path, key: Path, cert: Path) -> None:
     (files / "rogue.dcm").write_bytes(dataset_bytes(rogue))
     us = sign_dataset(pydicom.dcmread(get_testdata_file("US1_J2KR.dcm")), key, cert)
     (files / "ultrasound.dcm").write_bytes(dataset_bytes(us))
+    dcmsign = shutil.which("dcmsign")
+    assert dcmsign, "dcmsign (DCMTK) is not installed: run `make sysdeps` (apt-get install dcmtk)"
+    cmd = [dcmsign, "--sign", str(key), str(cert), "--profile-creator", "--mac-sha256",
+           get_testdata_file("CT_small.dcm"), str(files / "dcmsign_CT.dcm")]  # fmt: skip
+    assert subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
 
 
 def _store(
@@ -207,7 +211,11 @@ def _storescu(scp: Scp, option: str, path: Path) -> tuple[int, str]:
     exe = shutil.which("storescu")
     if exe is None:
         pytest.fail("storescu (DCMTK) is not installed: run `make sysdeps` (apt-get install dcmtk)")
-    cmd = [exe, "-v", option, "-aet", "STORESCU", "-aec", "MEDSEC", "127.0.0.1", str(scp.port),
+    args = option.split()
+    tls = "+tla" in args  # DICOM TLS to the TLS listener, checking its certificate
+    port = scp.tls_port if tls else scp.port
+    args += ["+cf", str(scp.ca)] if tls else []
+    cmd = [exe, "-v", *args, "-aet", "STORESCU", "-aec", "MEDSEC", "127.0.0.1", str(port),
            str(path)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     match = re.search(r"Received Store Response \(([^)]*)\)", done.stdout + done.stderr)
@@ -222,6 +230,8 @@ def _storescu(scp: Scp, option: str, path: Path) -> tuple[int, str]:
         ("-xs", "JPEG-LL.dcm", "Success", "ok"),  # JPEG Lossless SV1, sent as encoded
         ("-xw", "JPEG2000.dcm", "Success", "ok"),  # JPEG 2000
         ("-xr", "MR_small_RLE.dcm", "Success", "ok"),  # RLE Lossless
+        ("+tla -xe", "CT_small.dcm", "Success", "ok"),  # over DICOM TLS
+        ("-xe", "dcmsign_CT.dcm", "Success", "ok"),  # signed by DCMTK's dcmsign
         ("-xs", "tampered.dcm", "Unknown Status: 0x124", "tampered"),
         ("-xe", "unsigned.dcm", "Unknown Status: 0x124", "unsigned"),
     ],
@@ -346,44 +356,3 @@ def test_orthanc_pacs_forwards_to_the_scp(scp: Scp, tmp_path: Path):
         proc.wait(timeout=30)
         log.close()
     assert verify_log(scp.audit).ok
-
-
-def _config(dimse: str) -> dict:
-    base = """
-[tls]
-cert = "c.pem"
-key = "k.pem"
-[model]
-checkpoint = "m.pt"
-manifest = "m.sig"
-trust = "t"
-[images]
-trust = "i"
-[audit]
-path = "a.jsonl"
-[[clients]]
-name = "a"
-token_sha256 = "%s"
-""" % ("0" * 64)
-    return tomllib.loads(base + dimse)
-
-
-def test_dimse_and_results_config_are_validated():
-    plain = parse_config(_config(""), Path("/x"))
-    assert plain.dimse is None and plain.results is None
-    results = parse_config(_config('[results]\ndir = "r"\nkey = "k"\ncert = "c"'), Path("/x"))
-    assert results.results is not None and results.results.dir == Path("/x/r")
-    with pytest.raises(MedsecError, match=r"\[results\]: missing 'cert'"):
-        parse_config(_config('[results]\ndir = "r"\nkey = "k"'), Path("/x"))
-    dimse = parse_config(_config('[dimse]\ncalling_ae_titles = ["CT1"]'), Path("/x")).dimse
-    assert dimse == DimseSection(host=None, port=11112, ae_title="MEDSEC",
-                                 calling_ae_titles=("CT1",), tls=True)  # fmt: skip
-    for bad, message in [
-        ('ae_title = "A_TITLE_FAR_TOO_LONG"', "not an AE title"),
-        ('calling_ae_titles = ["OK", ""]', "not an AE title"),
-        ("port = 70000", "less than or equal to 65535"),
-        ('tls = "yes"', "valid boolean"),
-        ("aet = 1", "unknown key 'aet'"),
-    ]:
-        with pytest.raises(MedsecError, match=message):
-            parse_config(_config(f"[dimse]\n{bad}"), Path("/x"))
