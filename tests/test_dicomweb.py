@@ -75,6 +75,7 @@ def test_stow_rs_store_response_per_instance(clinical, served, tmp_path: Path):
         ("application/dicom", Path(get_testdata_file("MR_small.dcm")).read_bytes()),
         ("application/dicom", signed_bytes("MR_small.dcm", *rogue)),
         ("text/plain", b"hello"),
+        ("application/dicom", good["CT_small.dcm"][:-20000]),  # cut inside the pixel data
     ]
     calls, lines = counting.calls, state.audit.lines
     resp = _stow(
@@ -88,7 +89,7 @@ def test_stow_rs_store_response_per_instance(clinical, served, tmp_path: Path):
     want = [(read(n).SOPClassUID, read(n).SOPInstanceUID) for n in good]
     assert stored == want
     reasons = [i["00081197"]["Value"][0] for i in body["00081198"]["Value"]]
-    assert reasons == [0x0124, 0x0124, 0x0124, 0xC000]
+    assert reasons == [0x0124, 0x0124, 0x0124, 0xC000, 0xC000]
     assert body["00081198"]["Value"][0]["00081155"]["Value"] == [tampered.SOPInstanceUID]
     assert counting.calls == calls + 2  # only the two verified instances reached the model
     audit = [
@@ -97,7 +98,7 @@ def test_stow_rs_store_response_per_instance(clinical, served, tmp_path: Path):
         .read_text()
         .splitlines()
     ]
-    assert len(audit) == lines + 6 and {a["channel"] for a in audit[lines:]} == {"stow"}
+    assert len(audit) == lines + 7 and {a["channel"] for a in audit[lines:]} == {"stow"}
     assert [a["code"] for a in audit[lines:]] == [
         "ok",
         "ok",
@@ -105,6 +106,7 @@ def test_stow_rs_store_response_per_instance(clinical, served, tmp_path: Path):
         "unsigned",
         "untrusted_signer",
         "unsupported_media_type",
+        "truncated",
     ]
     for name, line in zip(good, audit[lines:], strict=False):
         i = clinical.names.index(name)
