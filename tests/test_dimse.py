@@ -52,6 +52,7 @@ class Scp:
     root: Path
     port: int
     tls_port: int
+    small_port: int  # an SCP taking instances of at most 60 kB
     files: Path  # signed, tampered, ... files to send
     audit: Path
     ca: Path
@@ -84,6 +85,9 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scp]:
                           init.modality_cert)  # fmt: skip
         (files / name).write_bytes(dataset_bytes(ds))
     _variants(files, root, init.modality_key, init.modality_cert)
+    big = sign_dataset(pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm")), init.modality_key,
+                       init.modality_cert)  # fmt: skip
+    (files / "RG1_UNCI.dcm").write_bytes(dataset_bytes(big))
     config = load_config(init.config)
     state = build_state(config)
     counting = CountingModel(state.model)
@@ -91,10 +95,13 @@ def scp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Scp]:
     assert config.dimse is not None
     plain = StorageSCP(state, config.dimse)
     secure = StorageSCP(state, DimseSection(host="127.0.0.1", port=0, tls=True))
+    small = StorageSCP(state, DimseSection(host="127.0.0.1", port=0, tls=False), 60_000)
     try:
-        port, tls_port = plain.start()[1], secure.start()[1]
-        yield Scp(root, port, tls_port, files, config.audit.path, init.ca_cert, model, counting)
+        port, tls_port, small_port = plain.start()[1], secure.start()[1], small.start()[1]
+        yield Scp(root, port, tls_port, small_port, files, config.audit.path, init.ca_cert, model,
+                  counting)  # fmt: skip
     finally:
+        small.stop()
         plain.stop()
         secure.stop()
         state.audit.close()
@@ -195,6 +202,25 @@ def test_unknown_calling_or_called_ae_title_is_rejected_and_audited(scp: Scp):
     ae = AE(ae_title="MODALITY")
     ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2")
     assert ae.associate("127.0.0.1", scp.port, ae_title="OTHER").is_rejected
+    assert verify_log(scp.audit).ok
+
+
+def test_an_instance_over_the_size_limit_is_cut_off_while_it_arrives(scp: Scp):
+    assert _store(scp.small_port, [scp.files / "CT_small.dcm"]) == [(SUCCESS, "")]
+    calls = scp.counting.calls
+    ae = AE(ae_title="MODALITY")
+    ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.1.2.1")  # CR
+    assoc = ae.associate("127.0.0.1", scp.small_port, ae_title="MEDSEC")
+    assert assoc.is_established
+    status = assoc.send_c_store(scp.files / "RG1_UNCI.dcm")  # 7.2 MB
+    assert "Status" not in status  # no response: the SCP aborted the association
+    deadline = time.monotonic() + 10
+    while assoc.is_established and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not assoc.is_established and not assoc.is_released
+    line = _audit(scp.audit)[-1]
+    assert (line["code"], line["client"]) == ("too_large", "dimse:MODALITY")
+    assert "60000 bytes" in line["reason"] and scp.counting.calls == calls
     assert verify_log(scp.audit).ok
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -31,6 +32,8 @@ log = logging.getLogger("medsec.service.dimse")
 
 SUCCESS = 0x0000
 _COMMENT_MAX = 64  # Error Comment (0000,0902) is an LO
+_SLACK = 1 << 16  # command set and PDU headers on top of the instance's own bytes
+_P_DATA_TF = b"\x04"
 
 
 def _status(code: int, comment: str | None = None) -> Dataset:
@@ -59,9 +62,15 @@ def ssl_context(config: ServiceConfig) -> ssl.SSLContext:
 class StorageSCP:
     """The DICOM listener of ``medsec serve``; :meth:`start` binds, :meth:`stop` closes."""
 
-    def __init__(self, state: ServiceState, dimse: DimseSection) -> None:
+    def __init__(
+        self, state: ServiceState, dimse: DimseSection, max_bytes: int | None = None
+    ) -> None:
+        """``max_bytes`` (default ``max_body_bytes``) caps one instance, checked as it arrives."""
         self.state, self.dimse = state, dimse
+        self.max_bytes = max_bytes or state.config.server.max_body_bytes
         self._server: ThreadedAssociationServer | None = None
+        self._received: dict[int, int] = {}  # P-DATA bytes since an association's last C-STORE
+        self._lock = threading.Lock()
         self.ae = AE(ae_title=dimse.ae_title)
         for context in StoragePresentationContexts:
             self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -73,7 +82,12 @@ class StorageSCP:
         """Listen in background threads; returns the bound (host, port)."""
         ctx = ssl_context(self.state.config) if self.dimse.tls else None
         host = self.dimse.host or self.state.config.server.host
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected)]
+        handlers = [
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_DATA_RECV, self._on_data),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
         try:
             self._server = self.ae.start_server(
                 (host, self.dimse.port),
@@ -120,15 +134,46 @@ class StorageSCP:
         except Exception:  # the rejection stands either way; the log says why it is missing
             log.exception("audit of a rejected association failed")
 
+    def _on_data(self, event: Event) -> None:
+        """Abort an association whose instance outgrows ``max_bytes`` while it arrives:
+        pynetdicom would otherwise buffer all of it before :meth:`_on_store` could refuse it."""
+        if event.data[:1] != _P_DATA_TF:
+            return
+        key = id(event.assoc)
+        with self._lock:
+            received = self._received.get(key, 0) + len(event.data)
+            self._received[key] = received
+            over = self.max_bytes + _SLACK < received < (1 << 62)
+            if over:
+                self._received[key] = 1 << 62  # abort once
+        if not over:
+            return
+        record = self._record(event)
+        record.update(status=None, code="too_large", ms=0.0)
+        record["reason"] = f"instance exceeds {self.max_bytes} bytes; association aborted"
+        try:
+            self.state.audit.append(record)
+        except Exception:  # the abort stands either way
+            log.exception("audit of an aborted association failed")
+        # abort() waits for the reader thread, which is the one running this handler
+        threading.Thread(target=event.assoc.abort, daemon=True).start()
+
+    def _on_close(self, event: Event) -> None:
+        with self._lock:
+            self._received.pop(id(event.assoc), None)
+
     def _on_store(self, event: Event) -> Dataset:
         started = time.perf_counter()
         record = self._record(event)
         status = SUCCESS
+        with self._lock:
+            self._received[id(event.assoc)] = 0  # the instance is in; count the next one
         try:
             body = event.encoded_dataset()
-            limit = self.state.config.server.max_body_bytes
-            if len(body) > limit:
-                raise Refusal(413, "too_large", f"instance of {len(body)} bytes exceeds {limit}")
+            if len(body) > self.max_bytes:
+                raise Refusal(
+                    413, "too_large", f"instance of {len(body)} bytes exceeds {self.max_bytes}"
+                )
             checked, prediction = self.state.predict(body)
             record.update(
                 sop_instance_uid=checked.sop_instance_uid,
