@@ -43,6 +43,7 @@ from medsec.integrity import (
     image_to_dicom,
 )
 from medsec.integrity.dicom_signature import dataset_bytes
+from medsec.models import create_model, save_checkpoint
 from medsec.service.app import ServiceState
 from medsec.service.config import DimseSection, ImageRules, parse_config
 from medsec.service.gate import ImagePolicy, Refusal, check_upload
@@ -64,6 +65,21 @@ def test_stored_contract_is_the_secondary_capture_decoding():
         np.testing.assert_array_equal(dicom_image(ds), want if want.ndim == 3 else want[None])
     meta = {"in_channels": 1, "image_size": SIZE}
     assert InputContract.from_checkpoint_meta(meta) == InputContract(1, SIZE, "stored")
+
+
+def test_checkpoint_contract_must_fit_the_model(tmp_path: Path):
+    meta = {"in_channels": 1, "image_size": SIZE, "input": InputContract(3, SIZE).to_dict()}
+    with pytest.raises(MedsecError, match="disagrees"):
+        InputContract.from_checkpoint_meta(meta)
+    with pytest.raises(MedsecError, match="malformed"):
+        InputContract.from_dict({"channels": 1})
+    model = create_model("small-cnn", in_channels=1, num_classes=2, image_size=SIZE)
+    with pytest.raises(MedsecError, match="does not fit the model"):
+        save_checkpoint(
+            tmp_path / "m.pt", model, arch="small-cnn", data_hash="x", image_size=SIZE,
+            metrics={}, settings={}, input_contract=InputContract(1, 128).to_dict(),
+        )  # fmt: skip
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_monochrome1_cr_is_inverted_over_its_15_bit_range():
