@@ -11,11 +11,12 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "medsec"
 ALLOWED = {
     "errors": set(),
     "utils": {"errors"},
+    "imaging": {"errors"},  # DICOM pixels -> model input, shared by data, models and service
     "paths": {"errors", "utils"},
     "cache": {"errors", "utils"},
-    "data": {"errors", "utils", "paths", "cache"},
+    "data": {"errors", "utils", "paths", "cache", "imaging"},
     "attacks": {"errors", "utils"},
-    "models": {"errors", "utils", "paths", "data"},
+    "models": {"errors", "utils", "paths", "data", "imaging"},
     "integrity": {"errors", "utils", "paths"},
     "defences": {"errors", "utils", "paths", "cache", "data", "models", "attacks"},
 }
