@@ -78,7 +78,21 @@ def verification_json(result: VerificationResult | None) -> dict[str, Any] | Non
     }
 
 
-async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+def admit(
+    state: ServiceState, client: str | None, remote: str | None, headers: dict[str, str]
+) -> None:
+    """Rate-limit, then authenticate: a Refusal 429 (``Retry-After`` put in ``headers``) or
+    401. Unauthenticated callers share a bucket per address, so guessing tokens or flooding
+    the audit log is throttled too."""
+    wait = state.limiter.acquire(client or f"anonymous@{remote}")
+    if client is None and wait is None:
+        raise Refusal(401, "unauthorized", "missing or invalid bearer token")
+    if wait is not None:
+        headers["Retry-After"] = str(max(1, round(wait + 0.5)))
+        raise Refusal(429, "rate_limited", f"rate limit exceeded; retry in {wait:.2f} s")
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body, refusing (413) as soon as it exceeds ``limit`` bytes, (408) when it
     has not all arrived within ``timeout_s``, and (499) when the client hangs up first."""
     declared = request.headers.get("content-length")
@@ -168,14 +182,7 @@ def create_app(state: ServiceState) -> FastAPI:
         headers: dict[str, str] = {}
         body_read = False
         try:
-            # unauthenticated callers share a bucket per address, so guessing tokens or
-            # flooding the audit log is throttled too
-            wait = state.limiter.acquire(client or f"anonymous@{record['remote']}")
-            if client is None and wait is None:
-                raise Refusal(401, "unauthorized", "missing or invalid bearer token")
-            if wait is not None:
-                headers["Retry-After"] = str(max(1, round(wait + 0.5)))
-                raise Refusal(429, "rate_limited", f"rate limit exceeded; retry in {wait:.2f} s")
+            admit(state, client, record["remote"], headers)
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in DICOM_TYPES:
                 raise Refusal(
@@ -183,7 +190,7 @@ def create_app(state: ServiceState) -> FastAPI:
                     f"Content-Type {ctype or 'absent'!r}; send application/dicom",
                 )  # fmt: skip
             server = state.config.server
-            body = await _read_body(request, server.max_body_bytes, server.body_timeout_s)
+            body = await read_body(request, server.max_body_bytes, server.body_timeout_s)
             body_read = True
             checked, prediction = await run_in_threadpool(state.predict, body)
             verification = verification_json(checked.verification)

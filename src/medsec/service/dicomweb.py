@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from medsec.service.app import ServiceState, _read_body, verification_json
+from medsec.service.app import ServiceState, admit, read_body, verification_json
 from medsec.service.gate import PROCESSING_FAILURE, Refusal, dicom_status
 
 DICOM_JSON = "application/dicom+json"
@@ -150,13 +150,9 @@ def add_stow_route(app: FastAPI, state: ServiceState) -> None:
         client = state.auth.client_for(request.headers.get("authorization"))
         remote = request.client.host if request.client else None
         headers: dict[str, str] = {}
+        body_read = False
         try:
-            wait = state.limiter.acquire(client or f"anonymous@{remote}")
-            if client is None and wait is None:
-                raise Refusal(401, "unauthorized", "missing or invalid bearer token")
-            if wait is not None:
-                headers["Retry-After"] = str(max(1, round(wait + 0.5)))
-                raise Refusal(429, "rate_limited", f"rate limit exceeded; retry in {wait:.2f} s")
+            admit(state, client, remote, headers)
             ctype = _content_type(request.headers.get("content-type", ""))
             if (
                 ctype.get_content_type() != "multipart/related"
@@ -168,7 +164,8 @@ def add_stow_route(app: FastAPI, state: ServiceState) -> None:
                     'send multipart/related; type="application/dicom"',
                 )
             server = state.config.server
-            body = await _read_body(request, server.max_body_bytes, server.body_timeout_s)
+            body = await read_body(request, server.max_body_bytes, server.body_timeout_s)
+            body_read = True
             parts = split_related(body, str(ctype.get_param("boundary") or ""))
             if not parts:
                 raise Refusal(400, "bad_multipart", "multipart body holds no instance")
@@ -180,6 +177,8 @@ def add_stow_route(app: FastAPI, state: ServiceState) -> None:
             audit_hash = await run_in_threadpool(state.audit.append, line)
             if refusal.http_status == 401:
                 headers["WWW-Authenticate"] = "Bearer"
+            if not body_read:  # as /v1/predict: what is left of the body is not read, hang up
+                headers["Connection"] = "close"
             payload = {"error": refusal.reason, "code": refusal.code, "audit_hash": audit_hash}
             return JSONResponse(payload, refusal.http_status, headers=headers)
 
