@@ -5,7 +5,9 @@ Not a test module: ``test_clinical_dicom``, ``test_dicomweb`` and ``test_dimse``
 
 from __future__ import annotations
 
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -49,6 +51,17 @@ def read(name: str) -> Dataset:
 def signed_bytes(name: str, key: Path, cert: Path) -> bytes:
     """A test file signed by medsec (Creator RSA profile, SHA-256), as bytes."""
     return dataset_bytes(sign_dataset(read(name), key, cert, profile="creator"))
+
+
+def dcmsign_signed(name: str, key: Path, cert: Path, out: Path) -> bytes:
+    """A test file signed by DCMTK's dcmsign (Creator RSA profile, SHA-256), as bytes."""
+    dcmsign = shutil.which("dcmsign")
+    assert dcmsign, "dcmsign (DCMTK) is not installed: run `make sysdeps` (apt-get install dcmtk)"
+    cmd = [dcmsign, "--sign", str(key), str(cert), "--profile-creator", "--mac-sha256",
+           get_testdata_file(name), str(out)]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return out.read_bytes()
 
 
 class CountingModel(torch.nn.Module):

@@ -23,7 +23,15 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 
-from clinical_service import Clinical, CountingModel, make_clinical, read, serving, signed_bytes
+from clinical_service import (
+    Clinical,
+    CountingModel,
+    dcmsign_signed,
+    make_clinical,
+    read,
+    serving,
+    signed_bytes,
+)
 from medsec.errors import MedsecError
 from medsec.integrity import TrustStore, generate_signer, verify_dataset
 from medsec.integrity.dicom_signature import dataset_bytes
@@ -117,10 +125,15 @@ def test_stow_rs_store_response_per_instance(clinical, served, tmp_path: Path):
     assert verify_log(clinical.config_path.parent / "audit" / "audit.jsonl").ok
 
 
-def test_stow_rs_all_or_nothing_statuses_and_request_errors(clinical, served):
+def test_stow_rs_all_or_nothing_statuses_and_request_errors(clinical, served, tmp_path: Path):
     client, _, counting = served
     ct = signed_bytes("CT_small.dcm", clinical.key, clinical.cert)
     assert _stow(client, clinical.token, _related([("application/dicom", ct)])).status_code == 200
+    by_dcmtk = dcmsign_signed("MR_small.dcm", clinical.key, clinical.cert, tmp_path / "mr.dcm")
+    assert (
+        _stow(client, clinical.token, _related([("application/dicom", by_dcmtk)])).status_code
+        == 200
+    )
     unsigned = Path(get_testdata_file("CT_small.dcm")).read_bytes()
     calls = counting.calls
     assert (
