@@ -84,6 +84,13 @@ burst = 40
 # calling_ae_titles = ["CT01"]   # absent or empty: any calling AE title is accepted
 # tls = true                     # DICOM over TLS with the [tls] certificate (and client_ca)
 
+# Uncomment to also write each prediction as a signed DICOM SR (one file per accepted image;
+# make the key with: medsec keys init --type ec --cn "medsec service" --out report_signer):
+# [results]
+# dir = "reports"
+# key = "report_signer/signer_key.pem"
+# cert = "report_signer/signer_cert.pem"
+
 [[clients]]
 name = ""
 token_sha256 = ""
