@@ -20,6 +20,7 @@ import os
 import struct
 import sys
 import threading
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,6 +52,7 @@ UNTRUSTED_DATA_ERRORS = (
     NotImplementedError,
     OverflowError,
     struct.error,
+    zlib.error,
 )
 
 
@@ -91,6 +93,12 @@ def sequence_room() -> Iterator[None]:
         _ROOM.leave()
 
 
+def is_deflated(ds: Dataset) -> bool:
+    """Deflated Explicit VR Little Endian: offsets count inflated bytes, nothing is deferred."""
+    meta = getattr(ds, "file_meta", None)
+    return meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
+
+
 def check_depth(ds: Dataset) -> None:
     """Refuse sequences nested deeper than :data:`MAX_SEQUENCE_DEPTH` (checked iteratively)."""
     for _ in walk(ds):
@@ -111,9 +119,14 @@ def check_well_formed(ds: Dataset, path: Path, size: int, tail: bytes) -> None:
         have = len(raw.value) if raw.value is not None else size - raw.value_tell
         if have < raw.length:
             raise MedsecError(f"{path}: file truncated in element {tag_str(tag)}")
-    meta = getattr(ds, "file_meta", None)
-    deflated = meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian
-    if not tags or deflated:  # a deflated file's offsets count inflated bytes
+    start = _dataset_start(ds)
+    if start is not None and size < start:
+        raise MedsecError(f"{path}: file truncated inside the file meta information")
+    if is_deflated(ds):  # a deflated file's offsets count inflated bytes
+        return
+    if not tags:  # pydicom returns an empty dataset when a read ends in EOFError
+        if start is not None and size > start:
+            raise MedsecError(f"{path}: no element readable after the file meta (truncated?)")
         return
     last = ds.get_item(tags[-1], keep_deferred=True)
     if isinstance(last, RawDataElement) and last.length != _UNDEFINED:
@@ -128,6 +141,16 @@ def check_well_formed(ds: Dataset, path: Path, size: int, tail: bytes) -> None:
         raise MedsecError(
             f"{path}: stray bytes after, or a cut inside, the last element {tag_str(tags[-1])}"
         )
+
+
+def _dataset_start(ds: Dataset) -> int | None:
+    """Offset of the dataset in its file: 0 without a preamble, else after the file meta
+    (whose (0002,0000) element is 12 bytes); None when the meta has no group length.
+    """
+    if getattr(ds, "preamble", None) is None:
+        return 0
+    length = ds.file_meta.get("FileMetaInformationGroupLength")
+    return None if length is None else 132 + 12 + int(length)
 
 
 def read_dicom(path: Path) -> Dataset:

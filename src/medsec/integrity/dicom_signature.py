@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
 from medsec.errors import MedsecError
 from medsec.integrity.crypto import WEAK_MACS, dicom_mac_name, new_hash, sign_digest
@@ -152,10 +152,12 @@ def _now_dt() -> str:
 
 
 def mac_transfer_syntax(ds: Dataset) -> str:
-    """Explicit VR LE, or for encapsulated pixel data the file's own syntax (as DCMTK does)."""
+    """Explicit VR LE, or for encapsulated pixel data or a deflated file the file's own syntax
+    (as DCMTK does; the hashed stream is Explicit VR LE in every case).
+    """
     meta = getattr(ds, "file_meta", None)
     ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    if ts is not None and ts.is_encapsulated:
+    if ts is not None and (ts.is_encapsulated or ts == DeflatedExplicitVRLittleEndian):
         return str(ts)
     return ExplicitVRLittleEndian
 

@@ -30,7 +30,12 @@ from medsec.integrity.crypto import (
     new_hash,
     verify_digest,
 )
-from medsec.integrity.dicom_io import UNTRUSTED_DATA_ERRORS, check_well_formed, sequence_room
+from medsec.integrity.dicom_io import (
+    UNTRUSTED_DATA_ERRORS,
+    check_well_formed,
+    is_deflated,
+    sequence_room,
+)
 from medsec.integrity.dicom_signature import (
     CERTIFICATE_TYPE,
     SignatureCheck,
@@ -221,6 +226,9 @@ def verify_dataset(
                 view = memoryview(mm)
                 try:
                     ds = dcmread(fh, defer_size=_DEFER_BYTES)
+                    if is_deflated(ds):  # a deferred value would be read from deflated bytes
+                        fh.seek(0)
+                        ds = dcmread(fh)
                     check_well_formed(ds, path, len(mm), bytes(mm[-8:]))
                     return _verify(ds, view, trust, *policy)
                 finally:
