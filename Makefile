@@ -16,11 +16,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) -e '.[dev]'
 	touch $(STAMP)
 
-# DCMTK (dcmsign) is the reference implementation our signatures are tested against.
+# DCMTK (dcmsign) is the reference implementation our signatures are tested against; the
+# openssl command makes the CA/signer certificate shapes hospitals make with it.
 sysdeps:
-	@command -v dcmsign >/dev/null 2>&1 || { \
+	@{ command -v dcmsign && command -v openssl; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk openssl; }
 
 run: venv
 	$(BIN)/medsec reproduce --out results
