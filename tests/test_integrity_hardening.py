@@ -129,7 +129,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_decompression_bomb_png_is_a_one_line_error(pki, tmp_path: Path, capsys) -> None:
-    key, cert, trust_dir = pki
+    key, cert, _ = pki
     assert Image.MAX_IMAGE_PIXELS is not None
     side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1  # > 178 MP: PIL's error, not its warning
     bomb = _png_header_only(tmp_path / "bomb.png", side, side)
