@@ -34,6 +34,7 @@ SIZE = 16
 LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 FUZZ = settings(
     max_examples=40,
+    derandomize=True,  # the same examples on every run: reproducible in CI
     deadline=2000,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
@@ -140,3 +141,17 @@ def test_mutated_signed_file_never_passes(signed: Signed, tmp_path: Path, data) 
     body = data.draw(mutations(signed))
     assume(body != signed.body)  # two flips of one byte may cancel
     assert check_all(signed, body, tmp_path) == (False, False)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=NotImplementedError,
+    reason="found by the test above: service/gate.py check_upload reads the SOPInstanceUID of "
+    "a refused upload unguarded, and pydicom raises for an unknown VR (a 500); owner: service",
+)
+def test_gate_refuses_a_signed_upload_with_a_corrupt_vr(signed: Signed) -> None:
+    at = signed.body.index(b"\x08\x00\x18\x00UI")  # SOP Instance UID, explicit VR
+    body = signed.body[: at + 4] + b"TI" + signed.body[at + 6 :]
+    with pytest.raises(Refusal) as refusal:
+        check_upload(body, signed.policy)
+    assert refusal.value.http_status < 500
