@@ -112,7 +112,7 @@ def _report(path: Path, result: VerificationResult) -> int:
     for warning in result.warnings:
         print(f"{path}: warning: {warning}", file=sys.stderr)
     if result.ok and not result.signatures and result.status is Status.VERIFIED:
-        print(f"{path}: NOT VERIFIED: {result.reason} (--allow-unsigned)")
+        print(f"{path}: NOT VERIFIED (allowed by --allow-unsigned): {result.reason}")
     elif result.ok:
         print(f"{path}: OK: {result.reason}")
     else:

@@ -48,8 +48,6 @@ from medsec.integrity.mac_stream import (
     tags_of,
 )
 
-__all__ = ["dataset_bytes", "read_dicom", "write_new"]  # also used from here by other modules
-
 PROFILES = ("creator", "base", "none")
 CERTIFICATE_TYPE = "X509_1993_SIG"
 # Creator RSA profile (PS3.15 C.3; DCMTK SiCreatorProfile): these, when present, must be signed.
@@ -133,7 +131,7 @@ class VerificationResult:
         """What a user should know although the signatures verify: weak MACs, v1 signers."""
         out = []
         for c in self.signatures:
-            if c.mac_algorithm in WEAK_MACS:
+            if c.valid and c.mac_algorithm in WEAK_MACS:
                 out.append(
                     f"{c.name} uses {c.mac_algorithm}: {WEAK_MACS[c.mac_algorithm]}; "
                     "have the source re-sign with SHA-256 or better"
