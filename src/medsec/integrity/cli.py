@@ -34,6 +34,7 @@ from medsec.integrity.keys import (
     generate_signer,
     issue_signer,
 )
+from medsec.integrity.mac_stream import MAX_SEQUENCE_DEPTH
 from medsec.integrity.manifest import MANIFEST_SUFFIX, sign_data_file, verify_data_file
 
 EXIT_CODES = """exit codes:
@@ -176,7 +177,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sign a DICOM file (PS3.15) or write a signed manifest for other data",
         description="DICOM input: OUT is the signed copy. Other input (.npz/.npy/PNG): OUT is "
         f"the detached manifest (verify looks for FILE{MANIFEST_SUFFIX} by default). The "
-        "input is never modified; OUT is never overwritten unless --force.",
+        "input is never modified; OUT is never overwritten unless --force. A DICOM file that "
+        "verify would call unreadable (truncated, stray bytes, sequences nested deeper than "
+        f"{MAX_SEQUENCE_DEPTH} levels) is refused, never sealed.",
     )
     sign.add_argument("input")
     sign.add_argument("output")
