@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # DCMTK (dcmsign, storescu) is the reference implementation our signatures and DICOM ingest
-# are tested against; Orthanc is the real PACS of the end-to-end C-STORE test.
+# are tested against; Orthanc is the real PACS of the end-to-end C-STORE test; the openssl
+# command makes the CA/signer certificate shapes hospitals make with it.
 sysdeps:
-	@{ command -v dcmsign && command -v Orthanc; } >/dev/null 2>&1 || { \
+	@{ command -v dcmsign && command -v Orthanc && command -v openssl; } >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk orthanc; }
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq dcmtk orthanc openssl; }
 
 run: venv
 	$(BIN)/medsec reproduce --out results

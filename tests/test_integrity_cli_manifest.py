@@ -66,13 +66,16 @@ def test_dicom_exit_codes(keys: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     capsys.readouterr()
     assert run("verify", tmp_path / "t.dcm", "--trust", trust) == 1
     assert "signature #1" in capsys.readouterr().err
-    # exit 3: stripped, signature required; 0 when not required
+    # exit 3: stripped, signatures required by default; 0 only in the lax mode
     ds = pydicom.dcmread(signed)
     del ds.DigitalSignaturesSequence
     del ds.MACParametersSequence
     ds.save_as(tmp_path / "stripped.dcm")
     assert run("verify", tmp_path / "stripped.dcm", "--trust", trust, "--require-signature") == 3
-    assert run("verify", tmp_path / "stripped.dcm", "--trust", trust) == 0
+    assert run("verify", tmp_path / "stripped.dcm", "--trust", trust) == 3
+    capsys.readouterr()
+    assert run("verify", tmp_path / "stripped.dcm", "--trust", trust, "--allow-unsigned") == 0
+    assert "NOT VERIFIED" in capsys.readouterr().out
     # exit 4: untrusted signer
     rogue = tmp_path / "rogue.dcm"
     assert run("sign", src, rogue, "--key", keys / "rogue" / "signer_key.pem",

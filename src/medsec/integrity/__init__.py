@@ -15,8 +15,8 @@ from medsec.integrity.dicom_signature import (
     VerificationResult,
     sign_dataset,
     sign_file,
-    verify_dataset,
 )
+from medsec.integrity.dicom_verify import verify_dataset
 from medsec.integrity.keys import TrustStore, generate_ca, generate_signer, issue_signer
 from medsec.integrity.secondary_capture import dicom_to_image, image_to_dicom
 

@@ -4,12 +4,15 @@ DICOM files get DICOM PS3.15 signatures (interoperable with DCMTK's dcmsign); ot
 (.npz, .npy, PNG and other images) gets a detached signed manifest, FILE.sig.json by default.
 
 Exit codes of ``medsec verify``:
-  0  verified (or no signature, when none is required)
+  0  verified (or, with --allow-unsigned only, no signature present: reported as NOT VERIFIED)
   1  verification failed: a signature does not match, is malformed, or unsigned elements
   2  usage or input error: unreadable, truncated or corrupt file, bad trust store
-  3  signature required but absent (stripped?)
+  3  no signature (signatures are required unless --allow-unsigned; stripped?)
   4  signature valid but the signer is not trusted (no X.509 path to the trust store)
   5  no signature meets the required profile (--require-creator)
+
+Unlike dcmsign, whose default is verify-if-present (a stripped file passes with a warning),
+an unsigned file fails by default: stripping the signature must not be a way around it.
 """
 
 from __future__ import annotations
@@ -20,12 +23,8 @@ from pathlib import Path
 
 from medsec.errors import MedsecError
 from medsec.integrity.crypto import SIGNING_MACS
-from medsec.integrity.dicom_signature import (
-    PROFILES,
-    VerificationResult,
-    sign_file,
-    verify_dataset,
-)
+from medsec.integrity.dicom_signature import PROFILES, Status, VerificationResult, sign_file
+from medsec.integrity.dicom_verify import verify_dataset
 from medsec.integrity.keys import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -35,15 +34,20 @@ from medsec.integrity.keys import (
     generate_signer,
     issue_signer,
 )
+from medsec.integrity.mac_stream import MAX_SEQUENCE_DEPTH
 from medsec.integrity.manifest import MANIFEST_SUFFIX, sign_data_file, verify_data_file
 
 EXIT_CODES = """exit codes:
-  0  verified (or no signature present and none required)
+  0  verified (with --allow-unsigned also: no signature present, printed as NOT VERIFIED)
   1  verification failed (signature mismatch, malformed, unsigned elements)
   2  usage or input error (unreadable, truncated or corrupt file; bad trust store)
-  3  signature required but absent
+  3  signature required but absent (the default; --allow-unsigned accepts unsigned files)
   4  signature valid but signer not trusted (X.509 path validation failed)
-  5  no signature meets the required profile (--require-creator)"""
+  5  no signature meets the required profile (--require-creator)
+
+Signatures with MD5, SHA-1 or RIPEMD-160 verify (PS3.15 requires it, dcmsign does it) with a
+warning on stderr. Trust paths follow RFC 5280 as OpenSSL/dcmsign apply it; --strict-pki
+asks for X.509 v3 certificates and CA keyUsage throughout."""
 
 
 def is_dicom(path: Path) -> bool:
@@ -105,10 +109,19 @@ def _sign(args: argparse.Namespace) -> int:
 
 
 def _report(path: Path, result: VerificationResult) -> int:
-    if result.ok:
+    """One verdict line (stdout when it passes, stderr when not), warnings before it."""
+    for warning in result.warnings:
+        print(f"{path}: warning: {warning}", file=sys.stderr)
+    if result.ok and not result.signatures and result.status is Status.VERIFIED:
+        print(f"{path}: NOT VERIFIED (allowed by --allow-unsigned): {result.reason}")
+    elif result.ok:
         print(f"{path}: OK: {result.reason}")
     else:
-        print(f"{path}: FAILED ({result.status.name.lower()}): {result.reason}", file=sys.stderr)
+        hint = (
+            " (--allow-unsigned accepts unsigned files)" if result.status is Status.MISSING else ""
+        )
+        status = result.status.name.lower()
+        print(f"{path}: FAILED ({status}): {result.reason}{hint}", file=sys.stderr)
     return result.exit_code
 
 
@@ -116,20 +129,25 @@ def _verify(args: argparse.Namespace) -> int:
     path = Path(args.file)
     if not path.exists():
         raise MedsecError(f"{path} does not exist")
-    trust = TrustStore.from_dir(Path(args.trust))
+    if args.allow_unsigned and args.require_creator:
+        raise MedsecError("--allow-unsigned and --require-creator contradict each other")
+    profile = "strict" if args.strict_pki else "rfc5280"
+    trust = TrustStore.from_dir(Path(args.trust), profile=profile)
     if is_dicom(path):
         result = verify_dataset(
             path,
             trust,
-            require_signature=args.require_signature,
+            require_signature=not args.allow_unsigned,
             require_creator=args.require_creator,
             allow_unsigned_elements=args.allow_unsigned_elements,
         )
         return _report(path, result)
     manifest = Path(args.manifest) if args.manifest else Path(f"{path}{MANIFEST_SUFFIX}")
-    if not manifest.exists() and not (args.require_signature or args.require_creator):
-        print(f"{path}: OK: no manifest {manifest} (signature not required)")
-        return 0
+    if not manifest.exists():
+        reason = f"no signature: not a DICOM file, and no manifest {manifest}"
+        if args.allow_unsigned:
+            return _report(path, VerificationResult(True, Status.VERIFIED, reason))
+        return _report(path, VerificationResult(False, Status.MISSING, reason))
     return _report(path, verify_data_file(path, trust, manifest))
 
 
@@ -159,7 +177,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="sign a DICOM file (PS3.15) or write a signed manifest for other data",
         description="DICOM input: OUT is the signed copy. Other input (.npz/.npy/PNG): OUT is "
         f"the detached manifest (verify looks for FILE{MANIFEST_SUFFIX} by default). The "
-        "input is never modified; OUT is never overwritten unless --force.",
+        "input is never modified; OUT is never overwritten unless --force. A DICOM file that "
+        "verify would call unreadable (truncated, stray bytes, sequences nested deeper than "
+        f"{MAX_SEQUENCE_DEPTH} levels) is refused, never sealed.",
     )
     sign.add_argument("input")
     sign.add_argument("output")
@@ -184,11 +204,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("file")
     verify.add_argument("--trust", required=True,
                         help="directory of PEM certificates of trusted CAs or signers")  # fmt: skip
-    verify.add_argument("--require-signature", action="store_true",
-                        help="fail (exit 3) when no signature is present")  # fmt: skip
+    unsigned = verify.add_mutually_exclusive_group()
+    unsigned.add_argument("--require-signature", action="store_true",
+                          help="fail (exit 3) when no signature is present: the default, "
+                          "kept for scripts")  # fmt: skip
+    unsigned.add_argument("--allow-unsigned", action="store_true",
+                          help="lax mode, dcmsign's default: a file without any signature "
+                          "exits 0, printed as NOT VERIFIED (a present signature must "
+                          "still verify)")  # fmt: skip
     verify.add_argument("--require-creator", action="store_true",
                         help="fail (exit 5) unless a Creator RSA signature verifies")  # fmt: skip
     verify.add_argument("--allow-unsigned-elements", action="store_true",
                         help="accept elements that no signature covers")  # fmt: skip
+    verify.add_argument("--strict-pki", action="store_true",
+                        help="web-PKI-like path validation: X.509 v3 only, CAs with keyUsage "
+                        "keyCertSign (default: RFC 5280 as OpenSSL/dcmsign apply it)")  # fmt: skip
     verify.add_argument("--manifest", help=f"manifest path (default FILE{MANIFEST_SUFFIX})")
     verify.set_defaults(func=_verify)

@@ -30,6 +30,14 @@ MAC_ALGORITHMS: dict[str, str] = {
     "SHA512": "sha512",
 }
 SIGNING_MACS = ("sha256", "sha384", "sha512")
+# Accepted when verifying, as PS3.15 requires and DCMTK does, but with a warning: below the
+# 112-bit collision resistance of NIST SP 800-131A, which keeps SHA-1 for legacy verification
+# only. RIPEMD-160 is DCMTK's default MAC, so refusing it would refuse most dcmsign files.
+WEAK_MACS: dict[str, str] = {
+    "MD5": "MD5 collisions take seconds to make",
+    "SHA1": "SHA-1 collisions, chosen-prefix ones too, are practical",
+    "RIPEMD160": "RIPEMD-160 offers 80-bit collision resistance, below the 112-bit floor",
+}
 _CRYPTO_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "md5": hashes.MD5,
     "sha1": hashes.SHA1,

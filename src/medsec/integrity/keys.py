@@ -2,8 +2,9 @@
 
 A modality (or a CA that vouches for modalities) is trusted by putting its PEM certificate in a
 trust directory; a signer certificate is trusted when an X.509 path from it to one of those
-certificates validates (``cryptography.x509.verification``). That check is separate from the
-cryptographic signature check, so a verifier can say which of the two failed.
+certificates validates (RFC 5280 as OpenSSL applies it, or a strict profile: see
+:mod:`medsec.integrity.trust`). That check is separate from the cryptographic signature check,
+so a verifier can say which of the two failed.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
-from cryptography.x509.verification import ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from medsec.errors import MedsecError
+from medsec.integrity.trust import PROFILES as TRUST_PROFILES
+from medsec.integrity.trust import V1_NOTE, path_error
 
 KeyType = Literal["rsa", "ec", "ed25519"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -233,9 +235,14 @@ class TrustStore:
     """Certificates of trusted CAs or signers; a signer is trusted if a path to one validates."""
 
     anchors: tuple[x509.Certificate, ...]
+    profile: str = "rfc5280"
+
+    def __post_init__(self) -> None:
+        if self.profile not in TRUST_PROFILES:
+            raise MedsecError(f"unknown trust profile {self.profile!r}")
 
     @classmethod
-    def from_dir(cls, path: Path) -> TrustStore:
+    def from_dir(cls, path: Path, profile: str = "rfc5280") -> TrustStore:
         """Load every ``*.pem``/``*.crt``/``*.cer``/``*.der`` certificate file in ``path``.
 
         Private keys or other files in the directory are ignored; no certificate is an error,
@@ -253,14 +260,16 @@ class TrustStore:
                 certs.extend(load_certificates(f))
         if not certs:
             raise MedsecError(f"trust store {path} holds no certificates")
-        return cls(tuple(certs))
+        return cls(tuple(certs), profile)
 
     @classmethod
-    def from_certificates(cls, certs: list[x509.Certificate]) -> TrustStore:
+    def from_certificates(
+        cls, certs: list[x509.Certificate], profile: str = "rfc5280"
+    ) -> TrustStore:
         """A trust store from certificates already in memory."""
         if not certs:
             raise MedsecError("a trust store needs at least one certificate")
-        return cls(tuple(certs))
+        return cls(tuple(certs), profile)
 
     def untrusted_reason(
         self,
@@ -270,26 +279,12 @@ class TrustStore:
     ) -> str | None:
         """``None`` when ``leaf`` chains to an anchor, valid at time ``at``; else the reason.
 
-        Extensions on the end-entity certificate are not constrained (modality certificates are
-        not web server certificates); CA certificates must follow the usual CA rules.
+        The rules are those of :mod:`medsec.integrity.trust` for this store's ``profile``.
         """
-        if leaf in self.anchors:
-            # A signer pinned directly: only its validity period remains to check.
-            if not leaf.not_valid_before_utc <= at <= leaf.not_valid_after_utc:
-                return f"certificate not valid at {at.isoformat()}"
-            return None
-        verifier = (
-            PolicyBuilder()
-            .store(Store(list(self.anchors)))
-            .time(at)
-            .extension_policies(
-                ca_policy=ExtensionPolicy.webpki_defaults_ca(),
-                ee_policy=ExtensionPolicy.permit_all(),
-            )
-            .build_client_verifier()
-        )
-        try:
-            verifier.verify(leaf, list(intermediates))
-        except VerificationError as exc:
-            return f"no valid certificate path to the trust store ({exc})"
+        return path_error(leaf, self.anchors, at, self.profile, intermediates)
+
+    def note(self, leaf: x509.Certificate) -> str | None:
+        """What a user should know about a certificate this store accepted (a v1 signer)."""
+        if leaf.version is x509.Version.v1 and leaf not in self.anchors:
+            return V1_NOTE
         return None

@@ -22,6 +22,8 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import Tag
 
+from medsec.errors import MedsecError
+
 ITEM_TAG = b"\xfe\xff\x00\xe0"
 SEQ_DELIMITER = b"\xfe\xff\xdd\xe0"
 PIXEL_DATA = 0x7FE00010
@@ -37,6 +39,9 @@ _LONG_VRS = frozenset(
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _AMBIGUOUS_VRS = frozenset({"US or SS", "US or OW", "US or SS or OW", "OB or OW"})
+# Deepest sequence nesting medsec signs or verifies (see :mod:`medsec.integrity.dicom_io`).
+MAX_SEQUENCE_DEPTH = 1000
+TOO_DEEP = f"DICOM sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels (medsec's limit)"
 
 
 class Sink(Protocol):
@@ -88,15 +93,30 @@ def vr_of(ds: Dataset, tag: int) -> str:
     return vr
 
 
+def walk(ds: Dataset, skip: frozenset[int] = frozenset()) -> Iterator[tuple[str, Dataset]]:
+    """``ds`` and every sequence item in it, depth first in document order, with its path.
+
+    Iterative, so depth costs no Python stack; sequences in ``skip`` are not entered. Nesting
+    deeper than :data:`MAX_SEQUENCE_DEPTH` raises MedsecError (pydicom itself recurses).
+    """
+    stack: list[tuple[str, Dataset, int]] = [("", ds, 0)]
+    while stack:
+        path, level, depth = stack.pop()
+        yield path, level
+        children = []
+        for tag in tags_of(level):
+            if tag in skip or vr_of(level, tag) != "SQ":
+                continue
+            if depth == MAX_SEQUENCE_DEPTH:
+                raise MedsecError(TOO_DEEP)
+            for i, item in enumerate(level[tag].value):
+                children.append((f"{path}{tag_str(tag)}[{i}]", item, depth + 1))
+        stack.extend(reversed(children))
+
+
 def contains_un(ds: Dataset) -> bool:
     """Whether any element of ``ds``, at any depth, has VR UN (DCMTK never signs those)."""
-    for tag in tags_of(ds):
-        vr = vr_of(ds, tag)
-        if vr == "UN":
-            return True
-        if vr == "SQ" and any(contains_un(item) for item in ds[tag].value):
-            return True
-    return False
+    return any(vr_of(level, tag) == "UN" for _, level in walk(ds) for tag in tags_of(level))
 
 
 def default_signed_tags(ds: Dataset) -> list[int]:
@@ -185,12 +205,6 @@ class MacStreamWriter:
         for tag in sorted(tags):
             self.write_element(ds, tag)
 
-    def write_item(self, item: Dataset) -> None:
-        """A sequence item: its tag without length, then every element, no item delimiter."""
-        self._emit(ITEM_TAG)
-        for tag in tags_of(item):
-            self.write_element(item, tag)
-
     def _raw_value(self, raw: RawDataElement) -> bytes | memoryview:
         """The value bytes as read, or for a deferred value its slice of the mapped file."""
         if raw.value is not None or raw.length == 0:
@@ -203,7 +217,29 @@ class MacStreamWriter:
         return self.source[start:stop]
 
     def write_element(self, ds: Dataset, tag: int) -> None:
-        """One element in signature format (sequences recursively)."""
+        """One element in signature format; a sequence as ``tag 'SQ' 00 00``, each item as
+        ``FE FF 00 E0`` and its elements (no item delimiter), then ``FE FF DD E0``.
+
+        Iterative (a work list, not recursion), so any nesting depth costs no Python stack.
+        """
+        todo: list[tuple[Dataset, int] | bytes] = [(ds, tag)]
+        while todo:
+            task = todo.pop()
+            if isinstance(task, bytes):
+                self._emit(task)
+                continue
+            level, t = task
+            if vr_of(level, t) != "SQ":
+                self._write_value(level, t)
+                continue
+            self._emit(_header(t, "SQ", None))
+            todo.append(SEQ_DELIMITER)
+            for item in reversed(level[t].value):
+                todo.extend((item, child) for child in reversed(tags_of(item)))
+                todo.append(ITEM_TAG)
+
+    def _write_value(self, ds: Dataset, tag: int) -> None:
+        """One element that is not a sequence."""
         raw = ds.get_item(tag, keep_deferred=True)
         if raw is None:
             raise KeyError(tag)
@@ -211,12 +247,6 @@ class MacStreamWriter:
         vr = raw.VR
         if vr is None or vr in _AMBIGUOUS_VRS:
             vr = ds[tag].VR
-        if vr == "SQ":
-            self._emit(_header(tag, "SQ", None))
-            for item in ds[tag].value:
-                self.write_item(item)
-            self._emit(SEQ_DELIMITER)
-            return
         # A converted OW/OF/... value keeps the byte order of the file it was read from.
         little = raw.is_little_endian if is_raw else ds.original_encoding[1] is not False
         undefined = raw.length == 0xFFFFFFFF if is_raw else raw.is_undefined_length

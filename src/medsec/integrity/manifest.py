@@ -22,9 +22,11 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from PIL import Image
 
 from medsec.errors import MedsecError
-from medsec.integrity.dicom_signature import Status, VerificationResult, write_new
+from medsec.integrity.dicom_io import write_new
+from medsec.integrity.dicom_signature import Status, VerificationResult
 from medsec.integrity.keys import (
     PrivateKey,
     PublicKey,
@@ -69,10 +71,12 @@ def load_arrays(path: Path) -> tuple[str, dict[str, np.ndarray]]:
                 return "npz", {k: z[k] for k in sorted(z.files)}
         if suffix == ".npy":
             return "npy", {"array": np.load(path, allow_pickle=False)}
-        from PIL import Image
-
         with Image.open(path) as img:
             return f"image/{img.format}/{img.mode}", {"pixels": np.asarray(img)}
+    except Image.DecompressionBombError as exc:
+        raise MedsecError(
+            f"{path}: refusing to decode, possible decompression bomb ({exc})"
+        ) from exc
     except (OSError, ValueError, EOFError) as exc:
         raise MedsecError(f"{path}: cannot decode as .npz/.npy/image ({exc})") from exc
 

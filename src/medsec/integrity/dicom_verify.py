@@ -1,0 +1,313 @@
+"""Verify DICOM PS3.15 digital signatures against a trust store and a policy.
+
+Per signature: structure, matching MAC parameters, the MAC algorithm, the signed elements being
+present, the cryptographic signature, and - separately - the X.509 path of the signer's
+certificate to the trust store at the signature's time. Policy on top: require a signature (the
+default), require a Creator RSA signature, and refuse elements no valid signature covers
+(otherwise an attacker could add, e.g., an overlay to a signed image unnoticed). Untrusted bytes
+never raise: an unreadable, truncated or corrupt file is a result with status UNREADABLE.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import mmap
+from collections.abc import Iterator
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian
+
+from medsec.errors import MedsecError
+from medsec.integrity.crypto import (
+    MAC_ALGORITHMS,
+    UnsupportedAlgorithm,
+    der_length,
+    new_hash,
+    verify_digest,
+)
+from medsec.integrity.dicom_io import (
+    UNTRUSTED_DATA_ERRORS,
+    check_well_formed,
+    is_deflated,
+    sequence_room,
+)
+from medsec.integrity.dicom_signature import (
+    CERTIFICATE_TYPE,
+    SignatureCheck,
+    Status,
+    VerificationResult,
+    creator_required,
+    item_stream,
+    mac_transfer_syntax,
+    signature_stream,
+    tag_list,
+)
+from medsec.integrity.keys import TrustStore, describe
+from medsec.integrity.mac_stream import (
+    DIGITAL_SIGNATURES_SEQUENCE,
+    MAC_PARAMETERS_SEQUENCE,
+    MacStreamWriter,
+    is_signable,
+    tag_str,
+    tags_of,
+    walk,
+)
+
+
+def _parse_dt(value: str) -> dt.datetime | None:
+    """DICOM DT (YYYYMMDDHHMMSS.FFFFFF&ZZXX, trailing parts optional) -> aware UTC datetime."""
+    value = value.strip()
+    offset = dt.timedelta(0)
+    for sign in "+-":
+        if sign in value[8:]:
+            value, zone = value.rsplit(sign, 1)
+            if len(zone) != 4 or not zone.isdigit():
+                return None
+            minutes = int(zone[:2]) * 60 + int(zone[2:])
+            offset = dt.timedelta(minutes=minutes if sign == "+" else -minutes)
+            break
+    main, _, frac = value.partition(".")
+    if len(main) < 4 or len(main) > 14 or not main.isdigit():
+        return None
+    main += "00000101000000"[len(main) :]  # missing month/day default to 01, time to 0
+    try:
+        base = dt.datetime.strptime(main[:14], "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+    micro = int((frac + "000000")[:6]) if frac.isdigit() else 0
+    return base.replace(microsecond=micro, tzinfo=dt.timezone(offset)).astimezone(dt.UTC)
+
+
+def _signature_levels(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
+    """Every dataset/item that carries a Digital Signatures Sequence, with a readable path."""
+    for path, level in walk(
+        ds, skip=frozenset({DIGITAL_SIGNATURES_SEQUENCE, MAC_PARAMETERS_SEQUENCE})
+    ):
+        if DIGITAL_SIGNATURES_SEQUENCE in level:
+            yield (path or "top level"), level
+
+
+def _check_one(
+    check: SignatureCheck,
+    level: Dataset,
+    sig_item: Dataset,
+    trust: TrustStore,
+    writer: MacStreamWriter,
+) -> None:
+    """Run every check of one signature, recording the first failure in ``check``."""
+    own: bytes | Exception
+    try:
+        own = item_stream(sig_item, writer)
+    except UNTRUSTED_DATA_ERRORS as exc:  # raised where the stream is needed, after the checks
+        own = exc
+    required = {
+        "MACIDNumber": "MAC ID Number (0400,0005)",
+        "DigitalSignatureUID": "Digital Signature UID (0400,0100)",
+        "DigitalSignatureDateTime": "Digital Signature DateTime (0400,0105)",
+        "CertificateType": "Certificate Type (0400,0110)",
+        "CertificateOfSigner": "Certificate of Signer (0400,0115)",
+        "Signature": "Signature (0400,0120)",
+    }
+    for keyword, label in required.items():
+        if sig_item.get(keyword) in (None, "", b""):
+            check.error = f"malformed: {label} missing"
+            return
+    check.mac_id = int(sig_item.MACIDNumber)
+    check.uid = str(sig_item.DigitalSignatureUID)
+    check.datetime = str(sig_item.DigitalSignatureDateTime)
+    params = level.get(MAC_PARAMETERS_SEQUENCE)
+    matches = [p for p in (params.value if params else []) if p.get("MACIDNumber") == check.mac_id]
+    if len(matches) != 1:
+        what = "no" if not matches else "several"
+        check.error = f"{what} MAC Parameters item for MAC ID {check.mac_id}"
+        return
+    mac_item = matches[0]
+    check.mac_algorithm = str(mac_item.get("MACAlgorithm", ""))
+    ts = str(mac_item.get("MACCalculationTransferSyntaxUID", ""))
+    if ts not in (ExplicitVRLittleEndian, mac_transfer_syntax(level)):
+        check.error = f"unsupported MAC calculation transfer syntax {ts!r}"
+        return
+    if check.mac_algorithm not in MAC_ALGORITHMS:
+        check.error = f"unsupported MAC algorithm {check.mac_algorithm!r}"
+        return
+    signed = tag_list(mac_item.get("DataElementsSigned"))
+    if not signed:
+        check.error = "malformed: Data Elements Signed (0400,0020) missing"
+        return
+    check.signed_tags = tuple(signed)
+    if list(check.signed_tags) != sorted(set(check.signed_tags)):
+        check.error = "malformed: Data Elements Signed not in ascending order"
+        return
+    absent = [t for t in check.signed_tags if t not in level]
+    if absent:
+        check.error = f"signed element {tag_str(absent[0])} is missing (removed after signing)"
+        return
+    if str(sig_item.CertificateType).strip() != CERTIFICATE_TYPE:
+        check.error = f"unsupported certificate type {sig_item.CertificateType!r}"
+        return
+    try:
+        cert, check.signer, check.key_type = _signer(bytes(sig_item.CertificateOfSigner))
+    except ValueError:
+        check.error = "Certificate of Signer is not a readable X.509 certificate"
+        return
+    public = cert.public_key()
+    try:
+        if isinstance(own, Exception):
+            raise own
+        digest = new_hash(check.mac_algorithm)
+        signature_stream(digest, level, list(check.signed_tags), own, writer)
+        good = verify_digest(
+            public, bytes(sig_item.Signature), digest.digest(), check.mac_algorithm
+        )
+    except UnsupportedAlgorithm as exc:
+        check.error = str(exc)
+        return
+    except UNTRUSTED_DATA_ERRORS as exc:
+        check.error = f"signed data cannot be encoded ({exc})"
+        return
+    if not good:
+        check.error = "signature does not match the signed data (modified after signing)"
+        return
+    check.valid = True
+    check.creator = isinstance(public, rsa.RSAPublicKey) and not any(
+        creator_required(t) and t not in check.signed_tags for t in tags_of(level)
+    )
+    when = _parse_dt(check.datetime)
+    if when is None:
+        check.trust_error = f"unreadable signature DateTime {check.datetime!r}"
+        return
+    check.trust_error = trust.untrusted_reason(cert, when)
+    check.trusted = check.trust_error is None
+    check.trust_note = trust.note(cert) if check.trusted else None
+
+
+@functools.lru_cache(maxsize=64)
+def _signer(blob: bytes) -> tuple[x509.Certificate, str, str]:
+    """Certificate of Signer (DER, maybe padded) -> certificate, its name, its key type.
+
+    Cached by the certificate's bytes: a modality sends the same certificate every time.
+    """
+    cert = x509.load_der_x509_certificate(blob[: der_length(blob)])
+    key_type = type(cert.public_key()).__name__.removeprefix("_").replace("PublicKey", "")
+    return cert, describe(cert), key_type
+
+
+_DEFER_BYTES = 1 << 16
+
+
+def verify_dataset(
+    source: Dataset | Path | str,
+    trust: TrustStore,
+    require_signature: bool = True,
+    require_creator: bool = False,
+    allow_unsigned_elements: bool = False,
+) -> VerificationResult:
+    """Verify every signature of a DICOM dataset or file against ``trust`` and the policy.
+
+    Never raises for bad input: an unreadable, truncated or corrupt file is a failed result
+    (status UNREADABLE). By default every signable top-level element must be covered by a valid
+    signature, so nothing can be added unnoticed next to a signed image. To feed a model, read
+    the file once and verify that in-memory dataset, so what was checked is what is used.
+    """
+    policy = (require_signature, require_creator, allow_unsigned_elements)
+    if isinstance(source, Dataset):
+        return _verify(source, None, trust, *policy)
+    path = Path(source)
+    try:
+        with open(path, "rb") as fh:
+            if path.stat().st_size == 0:
+                return VerificationResult(False, Status.UNREADABLE, f"{path}: empty file")
+            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm, sequence_room():
+                view = memoryview(mm)
+                try:
+                    ds = dcmread(fh, defer_size=_DEFER_BYTES)
+                    if is_deflated(ds):  # a deferred value would be read from deflated bytes
+                        fh.seek(0)
+                        ds = dcmread(fh)
+                    check_well_formed(ds, path, len(mm), bytes(mm[-8:]))
+                    return _verify(ds, view, trust, *policy)
+                finally:
+                    view.release()
+    except MedsecError as exc:
+        return VerificationResult(False, Status.UNREADABLE, str(exc))
+    except OSError as exc:
+        return VerificationResult(False, Status.UNREADABLE, f"cannot read {path}: {exc}")
+    except UNTRUSTED_DATA_ERRORS as exc:
+        return VerificationResult(
+            False, Status.UNREADABLE, f"{path}: not a readable DICOM file ({exc})"
+        )
+
+
+def _verify(
+    ds: Dataset,
+    source: memoryview | None,
+    trust: TrustStore,
+    require_signature: bool,
+    require_creator: bool,
+    allow_unsigned_elements: bool,
+) -> VerificationResult:
+    checks: list[SignatureCheck] = []
+    try:
+        with sequence_room():
+            writer = MacStreamWriter.for_dataset(_NullSink(), ds, source)
+            for location, level in _signature_levels(ds):
+                for sig_item in level[DIGITAL_SIGNATURES_SEQUENCE].value:
+                    check = SignatureCheck(index=len(checks) + 1, location=location)
+                    checks.append(check)
+                    _check_one(check, level, sig_item, trust, writer)
+    except MedsecError as exc:
+        return VerificationResult(False, Status.UNREADABLE, str(exc), signatures=checks)
+    except UNTRUSTED_DATA_ERRORS as exc:
+        return VerificationResult(
+            False, Status.UNREADABLE, f"corrupt DICOM data ({exc})", signatures=checks
+        )
+    return _decide(ds, checks, require_signature, require_creator, allow_unsigned_elements)
+
+
+class _NullSink:
+    """Placeholder sink; each signature check swaps in its own hash object."""
+
+    def update(self, data: bytes | memoryview, /) -> None:
+        raise AssertionError("stream written without a hash")
+
+
+def _decide(
+    ds: Dataset,
+    checks: list[SignatureCheck],
+    require_signature: bool,
+    require_creator: bool,
+    allow_unsigned_elements: bool,
+) -> VerificationResult:
+    """Apply the policy to the per-signature results; the first failure gives the reason."""
+    if not checks:
+        if require_signature or require_creator:
+            return VerificationResult(
+                False, Status.MISSING, "no digital signature present (signature required)"
+            )
+        return VerificationResult(True, Status.VERIFIED, "no signature present (not required)")
+    n = len(checks)
+    for c in checks:
+        if c.error is not None:
+            return VerificationResult(False, Status.INVALID, f"{c.name}: {c.error}", checks)
+    for c in checks:
+        if not c.trusted:
+            reason = f"{c.name}: signer {c.signer!r} untrusted: {c.trust_error}"
+            return VerificationResult(False, Status.UNTRUSTED, reason, checks)
+    if require_creator and not any(c.creator for c in checks):
+        reason = f"none of {n} signature(s) meets the Creator RSA profile (creator required)"
+        return VerificationResult(False, Status.PROFILE, reason, checks)
+    top = [c for c in checks if c.location == "top level"]
+    covered = {t for c in top for t in c.signed_tags}
+    unsigned = tuple(t for t in tags_of(ds) if is_signable(t) and t not in covered)
+    if unsigned and not allow_unsigned_elements:
+        names = ", ".join(tag_str(t) for t in unsigned[:5]) + (" ..." if len(unsigned) > 5 else "")
+        reason = f"{len(unsigned)} element(s) not covered by any valid signature: {names}"
+        return VerificationResult(False, Status.INVALID, reason, checks, unsigned)
+    return VerificationResult(
+        True, Status.VERIFIED, f"{n} signature(s) verified and trusted", checks, unsigned
+    )
