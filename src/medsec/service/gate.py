@@ -246,11 +246,20 @@ def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
         verification = _verify(ds, policy) if policy.verify else None
         tensor, resized = _pixels(ds, policy)
     except Refusal as refusal:
-        refusal.sop_instance_uid = str(ds.get("SOPInstanceUID", ""))
-        refusal.sop_class_uid = str(ds.get("SOPClassUID", ""))
+        refusal.sop_instance_uid = _uid(ds, "SOPInstanceUID")
+        refusal.sop_class_uid = _uid(ds, "SOPClassUID")
         raise
-    uids = str(ds.get("SOPInstanceUID", "")), str(ds.get("SOPClassUID", ""))
+    uids = _uid(ds, "SOPInstanceUID"), _uid(ds, "SOPClassUID")
     return CheckedImage(uids[0], tensor, verification, resized, uids[1], ds)
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """A UID for the audit line, or "" where the element cannot even be converted (a
+    corrupted VR makes pydicom raise on access: a refusal must not become a 500)."""
+    try:
+        return str(ds.get(keyword, ""))
+    except Exception:  # pydicom raises NotImplementedError, ValueError, KeyError, ...
+        return ""
 
 
 # DICOM statuses for a refusal, shared by C-STORE (Status) and STOW-RS (Failure Reason):
