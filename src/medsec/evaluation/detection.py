@@ -29,7 +29,6 @@ from torch import Tensor
 from medsec.attacks import AttackSpec, Criterion, LossTerm, preset, run_attack
 from medsec.defences.base import Defence, FitData
 from medsec.defences.detection.adaptive import (
-    ADAPTIVE_STEPS,
     AIM_QUANTILE,
     HINGE_SLACK,
     KAPPA,
@@ -256,7 +255,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
             spec = AttackSpec(
                 f"adaptive-{name}",
                 eps,
-                steps=ADAPTIVE_STEPS,
+                steps=ctx.profile.detection_steps,
                 loss="margin",
                 kappa=KAPPA,
                 targeted=True,
@@ -306,7 +305,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
             "what": "adaptive",
             "n": len(x),
             "n_fit": N_FIT,
-            "steps": ADAPTIVE_STEPS,
+            "steps": ctx.profile.detection_steps,
             "lambdas": LAMBDAS,
             "kappa": KAPPA,
             "terms": "hinged, gated on target class",

@@ -31,26 +31,28 @@ from medsec.evaluation.probe import adapt, probe
 
 FAMILY = "robustification"
 N_CAP = 200  # attacked images per defence (CPU budget)
-STEPS = 50
 STEP_FACTORS = (2.5, 10.0, 50.0)  # one per restart: alpha = factor * eps / STEPS
 RESTARTS = len(STEP_FACTORS)
 EOT_SAMPLES = 10  # for randomised plug-ins found by the probe
 REPEATS = 5
 
-THREAT_MODEL = (
-    "Robustification threat model: a white-box attacker who knows the architecture, the "
-    "weights, every preprocessing step and the defence's randomness (its distribution, not the "
-    "draws) and changes the pixels of the stored image within an L-inf ball, eps in [0,1] "
-    "pixel units. Adaptive attack = the engine's PGD with "
-    f"the margin loss, {STEPS} steps x {RESTARTS} restarts (alpha = f x eps / steps, f = "
-    f"{', '.join(f'{f:g}' for f in STEP_FACTORS)} in turn: restarts attack only the failures; "
-    "large steps beat a rugged loss surface where small ones stall), through the whole "
-    "deployed pipeline; a randomised pipeline is attacked with EOT and its success "
-    "re-predicted several times (mean +- std; an image counts when it fools the majority of "
-    f"evaluations); a step without a useful gradient is replaced by BPDA. Images attacked per "
-    f"defence: the first {N_CAP} (fewer where a defence caps it) test images it classifies "
-    "correctly."
-)
+
+def threat_model(steps: int) -> str:
+    """The family's threat-model paragraph for the report."""
+    return (
+        "Robustification threat model: a white-box attacker who knows the architecture, the "
+        "weights, every preprocessing step and the defence's randomness (its distribution, not the "
+        "draws) and changes the pixels of the stored image within an L-inf ball, eps in [0,1] "
+        "pixel units. Adaptive attack = the engine's PGD with "
+        f"the margin loss, {steps} steps x {RESTARTS} restarts (alpha = f x eps / steps, f = "
+        f"{', '.join(f'{f:g}' for f in STEP_FACTORS)} in turn: restarts attack only the failures; "
+        "large steps beat a rugged loss surface where small ones stall), through the whole "
+        "deployed pipeline; a randomised pipeline is attacked with EOT and its success "
+        "re-predicted several times (mean +- std; an image counts when it fools the majority of "
+        f"evaluations); a step without a useful gradient is replaced by BPDA. Images attacked per "
+        f"defence: the first {N_CAP} (fewer where a defence caps it) test images it classifies "
+        "correctly."
+    )
 
 
 def train_id(dep: Deployed) -> Any:
@@ -75,14 +77,14 @@ def spec_key(spec: AttackSpec) -> dict[str, Any]:
     return {"attack": spec.name, "eps_255": round(spec.eps * 255, 4), "spec": spec.record()}
 
 
-def adaptive_spec(dep: Deployed, eps: float, **over: Any) -> AttackSpec:
+def adaptive_spec(dep: Deployed, eps: float, steps: int, **over: Any) -> AttackSpec:
     name = (
         "adaptive-margin"
         + ("-eot" if dep.eot > 1 else "")
         + ("-bpda" if dep.bpda != "none" else "")
     )
     kw: dict[str, Any] = {
-        "steps": STEPS,
+        "steps": steps,
         "restarts": RESTARTS,
         "restart_step_factors": STEP_FACTORS,
         "loss": "margin",
@@ -231,7 +233,8 @@ def _probed(
 def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
     """Rows of one robustification defence; checks, notes and figures go to ``ctx``."""
     name = defence.name
-    ctx.add_note(THREAT_MODEL, family=FAMILY)
+    steps = ctx.profile.adaptive_steps
+    ctx.add_note(threat_model(steps), family=FAMILY)
     dep = defence.build(ctx.victim, ctx.data, ctx.build_env())
     if dep.reseed is not None:
         dep.reseed(ctx.seed)
@@ -283,7 +286,7 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
     victim_asr: dict[float, float] = {}
     victim_clean = ctx.clean_accuracy(ctx.victim)
     for eps in ctx.profile.eps:
-        spec = adaptive_spec(dep, eps)
+        spec = adaptive_spec(dep, eps, steps)
         cell = attack_cell(ctx, name, dep, spec, x, y, idx, adaptive=True, what="adaptive")
         adaptive[eps] = cell
         worst = np.any([cell["success"]] + [c["success"] for c in non.get(eps, [])], axis=0)
@@ -293,7 +296,7 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
             AttackSpec(
                 "adaptive-margin",
                 eps,
-                steps=STEPS,
+                steps=steps,
                 restarts=RESTARTS,
                 restart_step_factors=STEP_FACTORS,
                 loss="margin",
@@ -345,7 +348,7 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
         lambda spec, xs, ys, ids, what: attack_cell(
             ctx, name, dep, spec, xs, ys, ids, adaptive=True, what=what
         ),
-        adaptive_spec,
+        lambda d, e, **over: adaptive_spec(d, e, **({"steps": steps} | over)),
     )
     robust_checks.fixtures(ctx)
     robust_checks.update_curves_figure(ctx, name, curve, victim_curve)

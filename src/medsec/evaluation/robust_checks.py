@@ -250,7 +250,7 @@ def fixtures(ctx: StudyContext) -> None:
     if any(c.check.startswith("fixture:") for c in ctx.checks):
         return
     x, y, _ = ctx.attack_set(ctx.victim, N_DIAG)
-    eps, steps = 8 / 255, 50
+    eps, steps = 8 / 255, ctx.profile.adaptive_steps
     res = ctx.cell(
         {"defence": "none", "what": "robust-fixtures", "eps_255": 8, "n": len(x), "steps": steps},
         lambda: diag.run_fixtures(ctx.victim, x, y, eps, steps, seed=ctx.seed),

@@ -46,7 +46,6 @@ from medsec.defences.detection.base import Detector, Features, pooled
 AIM_QUANTILE = 0.5  # the attacker's target: scores below this quantile of clean scores
 HINGE_SLACK = 0.0  # the hinge stops pulling this many clean-score std's below the aim
 LAMBDAS = (1.0, 10.0)  # ladder of detector-term weights, smallest first (0 = plain attacks)
-ADAPTIVE_STEPS = 30  # PGD steps per rung (early stop at joint success)
 KAPPA = 2.0  # logit margin for the target class, then the budget goes to the detector
 GMM_COMPONENTS = 8
 GMM_FLOOR_QUANTILE = 0.25  # feature matching stops at this clean log-likelihood quantile
