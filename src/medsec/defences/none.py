@@ -17,17 +17,3 @@ class Undefended(Defence):
 
     def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
         return Deployed(victim)
-
-
-@register_defence
-class SignatureGate(Defence):
-    name = "signature-gate"
-    family = "integrity"
-    paper = (
-        "Levy, Amit, Elovici, Mirsky: The security of deep learning defences for medical "
-        "imaging, 2022 (the remedy: DICOM PS3.15 signatures verified before the model)"
-    )
-    summary = "signed DICOM verified before the model, over every adversarial image kept"
-
-    def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
-        return Deployed(victim)
