@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,9 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     issue(d, "int", "req-x509", "intv1")
     shutil.copy(d / "int.key", d / "intv1.key")
     issue(d, "leaf", "intv1", "v3_intv1", "v3.ext")
+    # openssl stamps notBefore with the current second; dcmsign judged a signature made within
+    # that same second "not yet valid" (seen once in the fresh-clone run): sign a second later
+    time.sleep(1.5)
     (d / "trust_intv1.pem").write_bytes(
         (d / "req-x509.pem").read_bytes() + (d / "intv1.pem").read_bytes()
     )
