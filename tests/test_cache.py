@@ -61,3 +61,21 @@ def test_damaged_artefacts_are_remade(tmp_path):
     (tmp_path / "lin-tag.pt").write_bytes(b"not a checkpoint")
     assert store.trained("lin", model, lambda: {"steps": 2})["steps"] == 2  # retrained
     assert store.trained("lin", model, lambda: {"steps": 3})["cached"] is True
+
+
+def test_a_study_cell_does_not_depend_on_what_ran_before(tmp_path):
+    """Random state inside a cell comes from the study seed and the key, not from the order
+    of work (so a resumed run equals a fresh one)."""
+    from types import SimpleNamespace
+
+    from medsec.evaluation.context import PROFILES, StudyContext
+
+    data = SimpleNamespace(content_hash="d" * 64)
+    ctx = StudyContext(tmp_path, PROFILES["tiny"], data, None, {"sha256": "v" * 64}, "cpu", 0)
+    ctx.progress = False
+    draw = lambda: {"x": torch.rand(3).tolist()}  # noqa: E731
+    first = ctx.cell({"what": "a"}, draw)
+    torch.rand(1000)  # other work consumed random numbers
+    (tmp_path / "cells").rename(tmp_path / "old")
+    assert ctx.cell({"what": "a"}, draw) == first
+    assert ctx.cell({"what": "b"}, draw) != first  # another key, another stream

@@ -27,7 +27,7 @@ from medsec.cache import ArtifactStore, cached_cell, jsonable, slug
 from medsec.data.base import Dataset
 from medsec.defences.base import FAMILIES, BuildEnv
 from medsec.errors import MedsecError
-from medsec.utils import atomic_write_bytes
+from medsec.utils import atomic_write_bytes, seed_everything
 
 EPS_UNIT = "[0,1] pixel units"
 
@@ -166,7 +166,11 @@ class StudyContext:
 
     # ---- resumable cells -------------------------------------------------------------
     def cell(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        """Return the cached result for ``key`` or compute, store atomically and return it."""
+        """Return the cached result for ``key`` or compute, store atomically and return it.
+
+        The computation starts from random state seeded by the study seed and the key, so a
+        cell never depends on what ran before it in the process (entry order, a resumed run).
+        """
         key = {
             **key,
             "data": self.data.content_hash[:16],
@@ -181,7 +185,12 @@ class StudyContext:
         )
         path = self.out / "cells" / f"{name}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}.json"
         t0 = time.perf_counter()
-        result, computed = cached_cell(path, key, compute, warn=self.log)
+
+        def seeded() -> dict[str, Any]:
+            seed_everything(int(hashlib.sha256(blob.encode()).hexdigest()[:8], 16))
+            return compute()
+
+        result, computed = cached_cell(path, key, seeded, warn=self.log)
         if computed:
             self.log(f"{name}: {_headline(result)}{time.perf_counter() - t0:.1f} s")
         return result
