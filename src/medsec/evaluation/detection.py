@@ -107,7 +107,17 @@ def _fit_data(ctx: StudyContext, eps: float, supervised: bool) -> FitData:
 
 def fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
     """Build ``defence``, fit its detector for ``eps``, fix its threshold, build the
-    attacker's terms and aim (the ``AIM_QUANTILE`` of clean validation scores)."""
+    attacker's terms and aim (the ``AIM_QUANTILE`` of clean validation scores).
+
+    Fitting runs on its own seeded random stream and leaves the caller's untouched, so the
+    fitted detector (e.g. a surrogate's initial weights) is the same whichever cell first
+    needs it, in a fresh run or a resumed one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        return _fitted(ctx, defence, eps)
+
+
+def _fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
     dep = defence.build(ctx.victim, ctx.data, ctx.build_env())
     det = dep.detector
     if det is None:
