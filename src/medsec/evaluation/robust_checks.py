@@ -74,8 +74,9 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
     _note(
         ctx,
         f,
-        f"{d.paper or d.summary}. Trained with {json.dumps(dep.record.get('config'))} -> {rec}. "
-        f"Clean test accuracy {f.clean:.3f}. "
+        f"{d.paper or d.summary}. "
+        + (f"Built with {json.dumps(dep.record.get('config'))} -> {rec}. " if dep.record else "")
+        + f"Clean test accuracy {f.clean:.3f}. "
         + (f"Working budget claimed: {d.working_eps * 255:g}/255. " if d.working_eps else "")
         + " ".join(dep.notes)
         + (" Assumed: " + "; ".join(d.assumptions) + "." if d.assumptions else ""),
