@@ -193,6 +193,25 @@ def test_deep_nesting_signed_and_verified_or_refused_in_one_line(
     assert sys.getrecursionlimit() == limit  # raised only while medsec works
 
 
+def test_the_service_gate_takes_the_nesting_that_sign_and_verify_take(pki, tmp_path: Path):
+    """The upload check gives pydicom the same room as the CLI: a signed image nested 300
+    levels deep (undefined lengths) is accepted, one deeper than the limit is refused (422)."""
+    from medsec.integrity import TrustStore
+    from medsec.service.gate import ImagePolicy, Refusal, check_upload
+
+    key, cert, trust_dir = pki
+    policy = ImagePolicy(trust=TrustStore.from_dir(trust_dir), channels=1, image_size=8)
+    src = nested_file(tmp_path / "n300.dcm", 300, defined=False)
+    assert run("sign", src, tmp_path / "s300.dcm", "--key", key, "--cert", cert) == 0
+    checked = check_upload((tmp_path / "s300.dcm").read_bytes(), policy)
+    assert checked.verification is not None and checked.verification.ok
+    for depth in (MAX_SEQUENCE_DEPTH + 1, 20000):
+        deep = nested_file(tmp_path / "deep.dcm", depth, defined=False)
+        with pytest.raises(Refusal) as refusal:
+            check_upload(deep.read_bytes(), policy)
+        assert refusal.value.http_status == 422 and refusal.value.code == "too_deep", depth
+
+
 # ----------------------------------------------------------------- item 9: unsigned, weak MACs
 
 

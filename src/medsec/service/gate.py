@@ -25,7 +25,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, resize_batch
 from medsec.integrity import Status, TrustStore, VerificationResult, verify_dataset
-from medsec.integrity.mac_stream import tag_str, tags_of
+from medsec.integrity.dicom_io import check_depth, sequence_room
+from medsec.integrity.mac_stream import TOO_DEEP, tag_str, tags_of
 from medsec.service.config import MAC_STRENGTH, ImageRules
 
 MAX_DIM = 4096  # rows/columns beyond this are refused before any pixel is decoded
@@ -149,9 +150,15 @@ def _parse(body: bytes, max_inflated: int) -> Dataset:
         size = _inflated_size(body, start, max_inflated)
     try:
         ds = dcmread(io.BytesIO(body))
+    except RecursionError as exc:  # nested past the room sequence_room gives pydicom
+        raise Refusal(422, "too_deep", TOO_DEEP) from exc
     except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
         raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
-    _check_complete(ds, size)
+    _check_complete(ds, size)  # first: it reads the raw elements before anything converts them
+    try:
+        check_depth(ds)  # as sign and verify do: nesting beyond the limit is refused
+    except MedsecError as exc:
+        raise Refusal(422, "too_deep", str(exc)) from exc
     return ds
 
 
@@ -238,7 +245,20 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
 
 
 def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
-    """Parse, verify and validate one upload; raise :class:`Refusal` on the first failure."""
+    """Parse, verify and validate one upload; raise :class:`Refusal` on the first failure.
+
+    Runs with the same room for nested sequences as ``medsec sign`` and ``verify``, so the
+    gate accepts what they accept (pydicom recurses once per level)."""
+    try:
+        with sequence_room():
+            return _check_upload(body, policy)
+    except MedsecError as exc:  # pydicom recursed past the room while verifying
+        if str(exc) != TOO_DEEP:
+            raise
+        raise Refusal(422, "too_deep", str(exc)) from exc
+
+
+def _check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
     ds = _parse(body, policy.max_inflated_bytes)
     # The UID is read after verification: reading converts the element, and a converted
     # element costs the verifier a re-encoding.
