@@ -38,6 +38,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def write_new(path: str | Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with exactly ``mode`` (0600 for keys from the first byte); never
+    replaces an existing file (O_EXCL): for keys and certificates, which must not be lost."""
+    from medsec.errors import MedsecError
+
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    except FileExistsError as exc:
+        raise MedsecError(f"{path} already exists; refusing to overwrite it") from exc
+    with os.fdopen(fd, "wb") as fh:
+        os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it
+        fh.write(data)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Atomic text write (UTF-8)."""
     atomic_write_bytes(path, text.encode("utf-8"))

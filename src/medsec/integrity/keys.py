@@ -10,7 +10,6 @@ so a verifier can say which of the two failed.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -23,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from medsec.errors import MedsecError
 from medsec.integrity.trust import PROFILES as TRUST_PROFILES
 from medsec.integrity.trust import V1_NOTE, path_error
+from medsec.utils import write_new
 
 KeyType = Literal["rsa", "ec", "ed25519"]
 PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
@@ -112,17 +112,6 @@ def build_certificate(
     return builder.sign(signing_key, _cert_hash(signing_key))
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode``; never replaces an existing file (O_EXCL)."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError as exc:
-        raise MedsecError(f"{path} already exists; refusing to overwrite it") from exc
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, mode)  # umask may have narrowed or widened nothing; make the mode exact
-
-
 def _key_pem(key: PrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
@@ -140,8 +129,8 @@ def _save_pair(
     for p in (key_path, cert_path):
         if p.exists():
             raise MedsecError(f"{p} already exists; refusing to overwrite it")
-    _write_new(key_path, _key_pem(key), 0o600)
-    _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_new(key_path, _key_pem(key), 0o600)
+    write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return key_path, cert_path
 
 

@@ -78,6 +78,27 @@ def verification_json(result: VerificationResult | None) -> dict[str, Any] | Non
     }
 
 
+def accepted_fields(checked: CheckedImage, prediction: dict[str, Any]) -> dict[str, Any]:
+    """Audit fields of an accepted instance (C-STORE and STOW-RS alike)."""
+    return {
+        "sop_instance_uid": checked.sop_instance_uid,
+        "verification": verification_json(checked.verification),
+        "prediction": prediction,
+        "code": "ok",
+        "reason": None,
+    }
+
+
+def refused_fields(refusal: Refusal) -> dict[str, Any]:
+    """Audit fields of a refused instance (C-STORE and STOW-RS alike)."""
+    return {
+        "sop_instance_uid": refusal.sop_instance_uid,
+        "verification": verification_json(refusal.verification),
+        "code": refusal.code,
+        "reason": refusal.reason,
+    }
+
+
 def admit(
     state: ServiceState, client: str | None, remote: str | None, headers: dict[str, str]
 ) -> None:

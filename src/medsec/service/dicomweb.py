@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from medsec.service.app import ServiceState, admit, read_body, verification_json
+from medsec.service.app import ServiceState, accepted_fields, admit, read_body, refused_fields
 from medsec.service.gate import PROCESSING_FAILURE, Refusal, dicom_status
 
 DICOM_JSON = "application/dicom+json"
@@ -123,21 +123,10 @@ def add_stow_route(app: FastAPI, state: ServiceState) -> None:
                 raise Refusal(415, "unsupported_media_type", f"part of type {ctype!r}")
             checked, prediction = state.predict(data)
             cls = checked.sop_class_uid
-            line.update(
-                sop_instance_uid=checked.sop_instance_uid,
-                verification=verification_json(checked.verification),
-                prediction=prediction,
-                code="ok",
-                reason=None,
-            )
+            line.update(accepted_fields(checked, prediction))
         except Refusal as refusal:
             status, cls = dicom_status(refusal), refusal.sop_class_uid or ""
-            line.update(
-                sop_instance_uid=refusal.sop_instance_uid,
-                verification=verification_json(refusal.verification),
-                code=refusal.code,
-                reason=refusal.reason,
-            )
+            line.update(refused_fields(refusal))
         except Exception:  # a bug: the traceback goes to the service log, a status to the caller
             status = PROCESSING_FAILURE
             line.update(code="internal", reason="internal error; see the service log")

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from medsec.errors import MedsecError
-from medsec.service.app import ServiceState, verification_json
+from medsec.service.app import ServiceState, accepted_fields, refused_fields
 from medsec.service.config import DimseSection, ServiceConfig
 from medsec.service.gate import PROCESSING_FAILURE, Refusal, dicom_status
 
@@ -175,21 +175,10 @@ class StorageSCP:
                     413, "too_large", f"instance of {len(body)} bytes exceeds {self.max_bytes}"
                 )
             checked, prediction = self.state.predict(body)
-            record.update(
-                sop_instance_uid=checked.sop_instance_uid,
-                verification=verification_json(checked.verification),
-                prediction=prediction,
-                code="ok",
-                reason=None,
-            )
+            record.update(accepted_fields(checked, prediction))
         except Refusal as refusal:
             status = dicom_status(refusal)
-            record.update(
-                sop_instance_uid=refusal.sop_instance_uid,
-                verification=verification_json(refusal.verification),
-                code=refusal.code,
-                reason=refusal.reason,
-            )
+            record.update(refused_fields(refusal))
         except Exception:  # a bug: logged with its traceback, a generic status to the sender
             log.exception("C-STORE failed")
             status = PROCESSING_FAILURE

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medsec.errors import MedsecError
+from medsec.utils import write_new
 
 CA_CERT = "ca_cert.pem"
 CA_KEY = "ca_key.pem"
@@ -35,17 +35,6 @@ def _name(cn: str) -> x509.Name:
     )
 
 
-def _create(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with exactly ``mode`` (0600 for keys from the first byte); never replace."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError as exc:
-        raise MedsecError(f"{path} already exists; refusing to overwrite it") from exc
-    with os.fdopen(fd, "wb") as fh:
-        os.fchmod(fh.fileno(), mode)  # the umask may have narrowed it
-        fh.write(data)
-
-
 def _save(
     key_path: Path, key: ec.EllipticCurvePrivateKey, cert_path: Path, cert: x509.Certificate
 ) -> None:
@@ -54,8 +43,8 @@ def _save(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _create(key_path, pem, 0o600)
-    _create(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_new(key_path, pem, 0o600)
+    write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _base(
@@ -142,5 +131,5 @@ def install_server_pair(cert: Path, key: Path, out_dir: Path) -> None:
     except (OSError, ssl.SSLError) as exc:
         raise MedsecError(f"TLS certificate {cert} / key {key} unusable ({exc})") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
-    _create(out_dir / "server_key.pem", key_pem, 0o600)
-    _create(out_dir / "server_cert.pem", cert_pem, 0o644)
+    write_new(out_dir / "server_key.pem", key_pem, 0o600)
+    write_new(out_dir / "server_cert.pem", cert_pem, 0o644)
