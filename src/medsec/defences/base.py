@@ -11,7 +11,7 @@ any Defence into rows, checks, notes and figures; nothing in the study names a d
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -24,27 +24,21 @@ from medsec.data.base import Dataset
 
 @dataclass(frozen=True)
 class Family:
-    """A family of study entries: report section title and order."""
+    """A family of study entries: its report section title (the table's order is the
+    report's order)."""
 
     name: str
     title: str
-    summary: str
 
 
 # The one family table: report sections follow this order.
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in (
-        Family("none", "Undefended victim", "the victim alone, and the attack sanity checks"),
-        Family(
-            "robustification",
-            "Robustification defences",
-            "a pipeline that should classify adversarial images correctly",
-        ),
-        Family("detection", "Detection defences", "a detector that should flag adversarial images"),
-        Family(
-            "integrity", "Signature gate (the remedy)", "signed images verified before the model"
-        ),
+        Family("none", "Undefended victim"),
+        Family("robustification", "Robustification defences"),
+        Family("detection", "Detection defences"),
+        Family("integrity", "Signature gate (the remedy)"),
     )
 }
 
@@ -59,9 +53,6 @@ class BuildEnv:
     device: torch.device
     batch_size: int
     store: ArtifactStore
-
-    def at(self, **changes: Any) -> BuildEnv:
-        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -146,7 +137,3 @@ class Defence:
 
     def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
         raise NotImplementedError
-
-    def describe(self) -> str:
-        """One line for listings: name, family, summary, paper."""
-        return f"{self.name} ({self.family}): {self.summary or self.paper}"
