@@ -154,10 +154,25 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
         assert {r["eps_255"] for r in rows if r["adaptive"]} == {2.0, 8.0}, name
         assert any(not r["adaptive"] for r in rows), name
         assert all(0 <= r["attack_success_rate"] <= 1 for r in rows)
-        checks = [c for c in m["sanity"] if c["defence"] == name]
-        assert any("unbounded attack" in c["check"] for c in checks), name
+        checks = {c["name"].removeprefix(f"{name}: "): c for c in m["checks"]}
+        checks = {k: c for k, c in checks.items() if c["defence"] == name}
+        assert all(c["kind"] in ("validity", "outcome") for c in checks.values())
+        for indicator in (
+            "silent success",
+            "incomplete optimisation",
+            "unavailable gradients",
+            "unstable predictions",
+            "unconstrained attack failure",
+        ):
+            c = checks[f"indicator: {indicator}"]
+            assert c["kind"] == "validity" and c["measured"] is not None, (name, indicator)
+        verdict = next(v for v in m["verdicts"] if v["defence"] == name)
+        failed = [k for k, c in checks.items() if c["kind"] == "validity" and not c["passed"]]
+        assert (verdict["label"] == "inconclusive") == bool(failed), (name, failed)
         notes = [n["text"] for n in m["notes"] if n["defence"] == name]
         assert any("probe on" in t for t in notes) and any("Assumed:" in t for t in notes)
     medrdf = [r for r in m["rows"] if r["defence"] == "medrdf" and r["adaptive"]]
     assert all(r["eot_samples"] == 10 and r["repeats"] == 5 for r in medrdf)
-    assert any(c["check"].startswith("fixture:") for c in m["sanity"])
+    transfer = {c["defence"] for c in m["checks"] if c["name"].endswith("transfer failure")}
+    assert "medrdf" in transfer  # attacked through a view other than the pipeline
+    assert any(c["name"].startswith("fixture:") for c in m["checks"])

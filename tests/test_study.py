@@ -74,16 +74,18 @@ def test_outputs_and_metrics_contract(finished):
     assert {"fgsm", "bim", "pgd-20", "pgd-100", "cw-linf", "worst-case"} <= attacks
     for r in m["rows"]:
         assert 0 <= r["attack_success_rate"] <= 1
+        assert r["ci_low"] <= r["attack_success_rate"] <= r["ci_high"]
+        assert r["ci_high"] - r["ci_low"] > 0  # n is finite: an interval, never a point
         if r["family"] == "none" and r["attack"] != "worst-case":
             assert r["settings"]["eps"] == r["eps"] and r["settings"]["steps"] >= 1
-    assert {c["check"] for c in m["sanity"]} >= {
+    assert {c["name"] for c in m["checks"]} >= {
         "ASR non-decreasing in eps",
         "unbounded attack reaches 100%",
         "iterative >= single-step",
         "more steps / restarts change little",
         "no zero or NaN gradients",
     }
-    assert all(isinstance(c["passed"], bool) for c in m["sanity"])
+    assert all(isinstance(c["passed"], bool) for c in m["checks"])
     assert m["wall_time_s"] > 0 and m["environment"]["torch"] == torch.__version__
     assert m["seed"] == 0 and m["profile"]["eps"] == list(TINY.eps)
     with open(finished / "metrics.csv") as fh:
@@ -92,7 +94,7 @@ def test_outputs_and_metrics_contract(finished):
     html = (finished / "report.html").read_text()
     assert "data:image/png;base64," in html and "src='figures/" not in html
     md = (finished / "report.md").read_text()
-    assert "Sanity checks" in md and "Signature gate" in md
+    assert "## Checks" in md and "Validity checks:" in md and "Signature gate" in md
     head = md.split("## Setup")[0]  # the study at a glance: table and bar figure
     assert "figures/summary.png" in head and (finished / "figures" / "summary.png").exists()
     assert "| signature-gate | integrity |" in head and "adaptive 2/255" in head  # nearest 1 and 4
@@ -114,7 +116,7 @@ def test_undefended_victim_learns_and_falls(finished):
         if r["attack"] == "pgd-100" and r["family"] == "none"
     }
     assert pgd[8.0] >= pgd[2.0] and pgd[8.0] >= 0.9
-    checks = {c["check"]: c for c in m["sanity"]}
+    checks = {c["name"]: c for c in m["checks"]}
     assert checks["unbounded attack reaches 100%"]["passed"]
     assert checks["no zero or NaN gradients"]["passed"]
     assert m["victim"]["clean_accuracy"] >= 0.9
@@ -204,7 +206,18 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
         for d in adaptive
     }
     assert all(adaptive[d]["attack_success_rate"] >= best_plain[d] for d in adaptive)
+    for d in names:  # every detector gets the indicators, the unconstrained attack included
+        found = {c["name"]: c for c in m["checks"] if c["defence"] == d}
+        for indicator in (
+            "silent success",
+            "unavailable gradients",
+            "unconstrained attack failure",
+        ):
+            assert found[f"indicator: {indicator}"]["kind"] == "validity", (d, indicator)
+        assert "indicator: transfer failure" not in found  # no view: not applicable, no check
+        assert any(v["defence"] == d for v in m["verdicts"])
     md = (out / "report.md").read_text()
+    assert "Validity panel:" in md and "Verdict: **" in md
     assert "one detector refitted per attack" in md
     # each family's notes and figures appear in its own section of the report
     detection = md.split("## Detection defences")[1].split("\n## ")[0]

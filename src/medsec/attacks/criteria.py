@@ -43,11 +43,13 @@ class Criterion:
         labels: Tensor,
         targets: Tensor | None = None,
         detector: Flagger | None = None,
+        repeats: int = 1,
     ) -> None:
         self.pipeline = pipeline
         self.labels = labels
         self.targets = targets
         self.detector = detector
+        self.repeats = max(1, repeats)
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -57,8 +59,18 @@ class Criterion:
 
     @torch.no_grad()
     def __call__(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
-        """Bool (B,): success of each row of ``x`` (rows are ``idx`` of the full batch)."""
+        """Bool (B,): success of each row of ``x`` (rows are ``idx`` of the full batch).
+
+        With ``repeats`` > 1 (a randomised pipeline) a row succeeds when the majority of that
+        many fresh calls succeed - the rule of the final re-evaluation (:func:`majority`), so
+        the loop never stops on a lucky draw."""
         idx = torch.arange(len(x), device=x.device) if idx is None else idx
+        if self.repeats > 1:
+            runs = torch.stack([self._once(x, idx) for _ in range(self.repeats)])
+            return runs.float().mean(0) >= 0.5
+        return self._once(x, idx)
+
+    def _once(self, x: Tensor, idx: Tensor) -> Tensor:
         pred = self.predict(x)
         if self.targets is not None:
             ok = pred == self.targets[idx]

@@ -5,9 +5,11 @@ is this loop with the margin loss, and every adaptive attack is this loop with m
 terms (see losses.py) or a wrapped objective (EOT) or pipeline (BPDA).
 
 Per-example bookkeeping follows AutoAttack: an example that succeeds (as decided by the
-:class:`~medsec.attacks.criteria.Criterion`) is frozen at that iterate and leaves the batch;
-later restarts only work on the failures. The gradient is taken with respect to the input
-only (``torch.autograd.grad``), never the weights.
+:class:`~medsec.attacks.criteria.Criterion`, asked after every step) is frozen at that
+iterate and leaves the batch; later restarts only work on the failures, and a failure
+returns its best iterate. The step rule is plain PGD or APGD (medsec.attacks.steps). The
+gradient is taken with respect to the input only (``torch.autograd.grad``), never the
+weights; steps without a usable gradient are counted per example, never hidden.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from torch import Tensor, nn
 
 from medsec.attacks.criteria import Criterion, eval_mode
 from medsec.attacks.losses import Objective, create_loss, logits_forward
+from medsec.attacks.steps import APGDStep, PGDStep, StepRule
 from medsec.attacks.transforms import EOT
 from medsec.errors import MedsecError
 
 NORMS = ("linf", "l2")
+STEP_RULES = ("pgd", "apgd")  # see medsec.attacks.steps
 ObjectiveFn = Callable[[Tensor, Tensor], Tensor]
 
 
@@ -54,12 +58,15 @@ class AttackSpec:
     eot_samples: int = 1
     early_stop: bool = True
     restart_step_factors: tuple[float, ...] = ()
+    step_rule: str = "pgd"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
             raise MedsecError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not (self.eps >= 0 and math.isfinite(self.eps)):
             raise MedsecError(f"eps must be a finite number >= 0, got {self.eps}")
+        if self.step_rule not in STEP_RULES:
+            raise MedsecError(f"step_rule must be one of {STEP_RULES}, got {self.step_rule!r}")
         if self.steps < 1 or self.restarts < 1 or self.eot_samples < 1:
             raise MedsecError("steps, restarts and eot_samples must all be >= 1")
         if any(not (f > 0 and math.isfinite(f)) for f in self.restart_step_factors):
@@ -105,16 +112,29 @@ def preset(name: str, eps: float, **overrides: Any) -> AttackSpec:
 
 @dataclass
 class AttackResult:
-    """Adversarial images, per-example success (re-predicted), and loop diagnostics."""
+    """Adversarial images, per-example success (as the Criterion decided during the attack),
+    and loop diagnostics.
+
+    Per example (for the indicators of attack failure, Pintor et al. 2022):
+    ``unavailable_grad`` = fraction of its steps whose input gradient was all zero or
+    non-finite; ``late_gain`` = for a failure, the share of its last restart's objective gain
+    made in the final ``LATE`` of the steps (near 1: still climbing when stopped; 0 for
+    successes and for flat objectives).
+    """
 
     x_adv: Tensor
     success: Tensor
     spec: AttackSpec
     loss_curve: list[float] = field(default_factory=list)  # mean objective per step, restart 0
-    grad_norm_mean: float = 0.0
-    zero_grad_fraction: float = 0.0
-    nonfinite_grad_fraction: float = 0.0
+    grad_norm_mean: float = 0.0  # first step of restart 0
+    zero_grad_fraction: float = 0.0  # first step of restart 0
+    nonfinite_grad_fraction: float = 0.0  # first step of restart 0
     seconds: float = 0.0
+    unavailable_grad: Tensor | None = None
+    late_gain: Tensor | None = None
+
+
+LATE = 0.2  # the final share of a restart's steps that ``late_gain`` looks at
 
 
 def _random_start(x: Tensor, spec: AttackSpec, gen: torch.Generator | None) -> Tensor:
@@ -129,33 +149,10 @@ def _random_start(x: Tensor, spec: AttackSpec, gen: torch.Generator | None) -> T
     return d / n * r * spec.eps
 
 
-def _bounds(x0: Tensor, spec: AttackSpec) -> tuple[Tensor, Tensor] | None:
-    """L-inf: per-pixel box ``[x0 - eps, x0 + eps]`` intersected with ``[0, 1]``; L2: None."""
-    if spec.norm != "linf":
-        return None
-    return (x0 - spec.eps).clamp_(min=0), (x0 + spec.eps).clamp_(max=1)
-
-
-def _step(
-    xa: Tensor,
-    x0: Tensor,
-    grad: Tensor,
-    spec: AttackSpec,
-    box: tuple[Tensor, Tensor] | None,
-    alpha: float,
-) -> Tensor:
-    """One ascent step, projected onto the eps-ball around ``x0`` and onto [0, 1].
-
-    L-inf: a sign step clamped to the precomputed box (one clamp equals clamping to the ball
-    and then to [0, 1]); L2: a unit-direction step, ball projection, then [0, 1].
-    """
-    if box is not None:
-        return torch.add(xa, grad.sign(), alpha=alpha).clamp_(*box)
-    shape = (-1, *[1] * (grad.ndim - 1))
-    gnorm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    delta = xa - x0 + alpha * grad / gnorm
-    dnorm = delta.flatten(1).norm(dim=1).clamp_min(1e-12).view(shape)
-    return (x0 + delta * (spec.eps / dnorm).clamp(max=1.0)).clamp_(0, 1)
+def _rule(x0: Tensor, spec: AttackSpec, restart: int) -> StepRule:
+    if spec.step_rule == "apgd":
+        return APGDStep(x0, spec.eps, spec.norm, spec.steps)
+    return PGDStep(x0, spec.eps, spec.norm, spec.alpha_for(restart))
 
 
 def _input_grad(value: Tensor, xa: Tensor) -> Tensor:
@@ -167,6 +164,49 @@ def _input_grad(value: Tensor, xa: Tensor) -> Tensor:
     return torch.zeros_like(xa) if grad is None else grad
 
 
+class _Track:
+    """Per-example bookkeeping of one batch: the best (highest-objective) iterate of each
+    example, its steps without a usable gradient, and its late objective gain."""
+
+    def __init__(self, x: Tensor) -> None:
+        n = len(x)
+        self.best_x = x.clone()
+        self.best_value = torch.full((n,), -math.inf, device=x.device)
+        self.bad = torch.zeros(n, device=x.device)
+        self.steps = torch.zeros(n, device=x.device)
+        self.late_gain = torch.zeros(n, device=x.device)
+        self.first: dict[str, float] = {}
+
+    def see(self, idx: Tensor, xa: Tensor, value: Tensor, grad: Tensor) -> Tensor:
+        """Record one step of the examples ``idx``; returns grad with non-finite entries
+        zeroed (they are counted, never silently used)."""
+        flat = grad.flatten(1)
+        finite = torch.isfinite(flat).all(1)
+        zero = finite & (flat.abs().amax(1) == 0)
+        if not self.first:
+            norms = flat[finite].norm(dim=1)
+            self.first = {
+                "norm": float(norms.mean()) if len(norms) else 0.0,
+                "zero": float(zero.float().mean()),
+                "nonfinite": float((~finite).float().mean()),
+            }
+        self.bad[idx] += (~finite | zero).float()
+        self.steps[idx] += 1
+        v = value.detach().to(self.best_value.dtype)
+        better = v > self.best_value[idx]
+        self.best_value[idx[better]] = v[better]
+        self.best_x[idx[better]] = xa.detach()[better]
+        if not bool(finite.all()):
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        return grad
+
+    def late(self, idx: Tensor, first: Tensor, late: Tensor, best: Tensor) -> None:
+        """Share of the restart's gain (first -> best) made after the ``late`` mark."""
+        gain = (best - first).clamp_min(0)
+        tail = (best - late).clamp_min(0)
+        self.late_gain[idx] = torch.where(gain > 0, tail / gain.clamp_min(1e-12), 0.0)
+
+
 def pgd(
     objective: ObjectiveFn,
     x: Tensor,
@@ -175,65 +215,73 @@ def pgd(
     *,
     generator: torch.Generator | None = None,
 ) -> AttackResult:
-    """Run the loop on one batch; ``criterion`` decides success (and early stops)."""
+    """Run the loop on one batch; ``criterion`` decides success (and early stops).
+
+    With ``early_stop`` the criterion is asked after every step, so a success found along
+    the path is always the one returned (no silent success); a failure returns its best
+    (highest-objective) iterate over all restarts, not its last."""
     start = time.perf_counter()
     n = len(x)
     all_idx = torch.arange(n, device=x.device)
-    best = x.clone()
+    out = x.clone()
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
     curve: list[float] = []
-    gstats = {"norm": 0.0, "zero": 0, "nonfinite": 0, "count": 0}
-    check_every = max(1, spec.steps // 5) if spec.early_stop else spec.steps
+    track = _Track(x)
     if spec.eps == 0:  # nothing to optimise: the clean image is the only candidate
         done = criterion(x, all_idx)
-        return AttackResult(best, done, spec, seconds=time.perf_counter() - start)
+        return AttackResult(out, done, spec, seconds=time.perf_counter() - start)
+    late_from = min(spec.steps - 1, max(1, round((1 - LATE) * spec.steps)))
     for restart in range(spec.restarts):
         idx = all_idx[~done]
         if len(idx) == 0:
             break
         x0 = x[idx]
         xa = (x0 + _random_start(x0, spec, generator)).clamp_(0, 1)
-        box = _bounds(x0, spec)
-        alpha = spec.alpha_for(restart)
+        rule = _rule(x0, spec, restart)
+        marks: dict[str, Tensor] = {}  # objective at step 0, at the late mark, running best
         for t in range(spec.steps):
             xa.requires_grad_(True)
             value = objective(xa, idx)
-            grad = _input_grad(value, xa)
-            if t == 0 and restart == 0:
-                flat = grad.flatten(1)
-                finite = torch.isfinite(flat).all(1)
-                gstats["nonfinite"] += int((~finite).sum())
-                gstats["zero"] += int((flat.abs().amax(1) == 0).sum())
-                gstats["norm"] += float(flat[finite].norm(dim=1).sum())
-                gstats["count"] += len(flat)
+            grad = track.see(idx, xa, value, _input_grad(value, xa))
+            v = value.detach()
+            if t == late_from and t > 0:  # the best before the late steps
+                marks["late"] = marks["best"].clone()
+            marks["best"] = torch.maximum(marks["best"], v) if "best" in marks else v.clone()
+            if t == 0:
+                marks["first"] = v.clone()
             if restart == 0:
-                curve.append(float(value.detach().mean()))
-            if not torch.isfinite(grad.sum()):  # one read; rewrite only if NaN/inf present
-                grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+                curve.append(float(v.mean()))
             with torch.no_grad():
-                xa = _step(xa.detach(), x0, grad, spec, box, alpha)
+                xa = rule.step(xa.detach(), grad, v, t)
                 last = t == spec.steps - 1
-                if last or (t + 1) % check_every == 0:
-                    ok = criterion(xa, idx)
-                    best[idx[ok]] = xa[ok]
-                    done[idx[ok]] = True
-                    if last:  # failures keep their final iterate of the latest restart
-                        best[idx[~ok]] = xa[~ok]
+                if not (last or spec.early_stop):
+                    continue
+                ok = criterion(xa, idx)
+                out[idx[ok]] = xa[ok]
+                done[idx[ok]] = True
+                if last and "late" in marks:
                     keep = ~ok
-                    idx, x0, xa = idx[keep], x0[keep], xa[keep]
-                    box = None if box is None else (box[0][keep], box[1][keep])
-                    if len(idx) == 0:
-                        break
-    count = max(1, gstats["count"])
+                    track.late(idx[keep], *(marks[k][keep] for k in ("first", "late", "best")))
+                keep = ~ok
+                idx, xa = idx[keep], xa[keep]
+                marks = {k: m[keep] for k, m in marks.items()}
+                rule.keep(keep)
+                if len(idx) == 0:
+                    break
+    failed = ~done
+    out[failed] = track.best_x[failed]
+    first = track.first or {"norm": 0.0, "zero": 0.0, "nonfinite": 0.0}
     return AttackResult(
-        best,
+        out,
         done,
         spec,
         curve,
-        grad_norm_mean=gstats["norm"] / max(1, gstats["count"] - gstats["nonfinite"]),
-        zero_grad_fraction=gstats["zero"] / count,
-        nonfinite_grad_fraction=gstats["nonfinite"] / count,
+        grad_norm_mean=first["norm"],
+        zero_grad_fraction=first["zero"],
+        nonfinite_grad_fraction=first["nonfinite"],
         seconds=time.perf_counter() - start,
+        unavailable_grad=(track.bad / track.steps.clamp_min(1)).cpu(),
+        late_gain=track.late_gain.cpu(),
     )
 
 
@@ -258,11 +306,13 @@ def run_attack(
     batch_size: int = 250,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    repeats: int = 1,
 ) -> AttackResult:
     """Attack ``x`` (true labels ``y``) in batches; success re-predicted by one Criterion.
 
     ``objective_factory(labels_or_targets, batch_indices)`` builds a custom (adaptive)
-    objective per batch; by default the spec's loss on the pipeline's logits.
+    objective per batch; by default the spec's loss on the pipeline's logits. ``repeats``:
+    success in the loop is the majority of that many calls (randomised pipelines).
     """
     if spec.targeted and targets is None:
         raise MedsecError("a targeted attack needs target labels")
@@ -274,7 +324,7 @@ def run_attack(
             xb = x[s : s + batch_size].to(device)
             yb = y[s : s + batch_size].to(device)
             tb = targets[s : s + batch_size].to(device) if targets is not None else None
-            crit = Criterion(pipeline, yb, tb, detector)
+            crit = Criterion(pipeline, yb, tb, detector, repeats)
             aim = tb if spec.targeted else yb
             obj = (
                 objective_factory(aim, torch.arange(s, s + len(xb)))
@@ -307,4 +357,10 @@ def run_attack(
         wmean("zero_grad_fraction"),
         wmean("nonfinite_grad_fraction"),
         sum(o.seconds for o in outs),
+        _cat([o.unavailable_grad for o in outs]),
+        _cat([o.late_gain for o in outs]),
     )
+
+
+def _cat(parts: list[Tensor | None]) -> Tensor | None:
+    return None if any(p is None for p in parts) else torch.cat(parts)  # type: ignore[arg-type]

@@ -137,7 +137,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "ASR non-decreasing in eps",
         not bad,
-        (
+        kind="validity",
+        measured=len(bad),
+        expected="0 decreases of an iterative attack",
+        detail=(
             "; ".join(bad)
             or f"{', '.join(iterative)} monotone over {[round(e * 255, 2) for e in eps]}/255"
         )
@@ -148,7 +151,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "unbounded attack reaches 100%",
         unbounded["asr"] == 1.0,
-        f"PGD-20 at eps={UNBOUNDED_EPS} (whole pixel range): ASR {unbounded['asr']:.3f}",
+        kind="validity",
+        measured=unbounded["asr"],
+        expected="1.0",
+        detail=f"PGD-20 at eps={UNBOUNDED_EPS} (whole pixel range): ASR {unbounded['asr']:.3f}",
     )
 
     worse = [
@@ -168,7 +174,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "iterative >= single-step",
         not worse,
-        ("; ".join(worse) or "PGD-20 >= FGSM at every eps")
+        kind="validity",
+        measured=per_example,
+        expected="PGD-20 ASR >= FGSM ASR at every eps",
+        detail=("; ".join(worse) or "PGD-20 >= FGSM at every eps")
         + f"; examples where FGSM succeeds but PGD-20 fails: {per_example}",
     )
 
@@ -179,7 +188,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "more steps / restarts change little",
         max(diffs.values()) <= STEPS_TOLERANCE and d_restart <= STEPS_TOLERANCE,
-        f"tolerance {STEPS_TOLERANCE:.2f}; max |PGD-100 - PGD-20| = "
+        kind="validity",
+        measured=max(*diffs.values(), d_restart),
+        expected=f"<= {STEPS_TOLERANCE}",
+        detail=f"tolerance {STEPS_TOLERANCE:.2f}; max |PGD-100 - PGD-20| = "
         f"{max(diffs.values()):.3f}; |5 restarts - 1| at {mid * 255:g}/255 = "
         f"{d_restart:.3f}",
     )
@@ -190,7 +202,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "no zero or NaN gradients",
         zero == 0 and nonfinite == 0,
-        f"largest fraction of examples with an all-zero input gradient {zero:.3f}, "
+        kind="validity",
+        measured=max(zero, nonfinite),
+        expected="0",
+        detail=f"largest fraction of examples with an all-zero input gradient {zero:.3f}, "
         f"with a non-finite one {nonfinite:.3f} (first step of every iterative attack)",
     )
 
@@ -198,7 +213,10 @@ def _sanity(ctx: StudyContext, cells: dict[tuple[str, float], dict[str, Any]]) -
     ctx.add_check(
         "white-box >= random noise",
         cells[("pgd-20", mid)]["asr"] >= noise,
-        f"at {mid * 255:g}/255: PGD-20 {cells[('pgd-20', mid)]['asr']:.3f} vs random "
+        kind="validity",
+        measured=cells[("pgd-20", mid)]["asr"] - noise,
+        expected=">= 0",
+        detail=f"at {mid * 255:g}/255: PGD-20 {cells[('pgd-20', mid)]['asr']:.3f} vs random "
         f"sign noise {noise:.3f}",
     )
 

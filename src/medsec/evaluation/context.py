@@ -1,5 +1,5 @@
 """What every part of the study shares: the profile, data, victim, resumable cells, figures,
-sanity checks, and the row format of metrics.json.
+validity and outcome checks, and the row format of metrics.json.
 
 A *cell* is one unit of work (e.g. one defence x attack x eps). Its result is a JSON file in
 ``OUT/cells/``, written atomically; a rerun of a killed study finds it and skips the work.
@@ -64,14 +64,24 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+CHECK_KINDS = ("validity", "outcome")
+
+
 @dataclass
 class Check:
-    """One sanity check of ../reference/evaluation.md, pass or fail, with what was measured."""
+    """One check, pass or fail, with what was measured and what was expected.
 
-    check: str
+    ``validity``: the evaluation of this defence can be trusted (the attack did not fail for
+    a trivial reason); a defence with a failed validity check gets the verdict
+    "inconclusive". ``outcome``: what the study found (a target met or not)."""
+
+    name: str
     passed: bool
     detail: str
     defence: str = "none"
+    kind: str = "validity"
+    measured: Any = None
+    expected: str | None = None
 
 
 @dataclass
@@ -93,6 +103,25 @@ class Note:
     defence: str | None = None
 
 
+def clopper_pearson(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) 1 - alpha interval of a rate k/n (scipy's beta quantiles)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return 0.0, 1.0
+    low = 0.0 if k <= 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    high = 1.0 if k >= n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return low, high
+
+
+def rate_ci(rate: float | None, n: int) -> tuple[float | None, float | None]:
+    """95% interval of a rate measured on ``n`` images (k = round(rate x n); for a randomised
+    pipeline the rate is a mean over repeats and the interval is approximate)."""
+    if rate is None or n <= 0:
+        return None, None
+    return clopper_pearson(round(rate * n), n)
+
+
 def make_row(
     *,
     defence: str,
@@ -108,7 +137,10 @@ def make_row(
     spec: AttackSpec | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """A metrics.json row; ``attack_success_rate`` is over the ``n`` attacked images."""
+    """A metrics.json row; ``attack_success_rate`` is over the ``n`` attacked images.
+
+    Every row gets the ASR's 95% Clopper-Pearson interval (``ci_low``, ``ci_high``), and
+    robust accuracy and the detection rate theirs where present."""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}")
     row: dict[str, Any] = {
@@ -124,9 +156,16 @@ def make_row(
         "detection_auc": None if detection_auc is None else float(detection_auc),
         "tpr_at_5fpr": None if tpr_at_5fpr is None else float(tpr_at_5fpr),
     }
+    row["ci_low"], row["ci_high"] = rate_ci(attack_success_rate, n)
     if spec is not None:
         row["settings"] = spec.record()
     row.update(extra)
+    if row.get("robust_accuracy") is not None:  # clean accuracy x (1 - ASR): ASR's interval
+        worst = row.get("worst_case_asr", attack_success_rate)
+        low, high = rate_ci(worst, n)
+        row["robust_accuracy_ci"] = [clean_accuracy * (1 - high), clean_accuracy * (1 - low)]
+    if tpr_at_5fpr is not None and row.get("tpr_n"):
+        row["tpr_ci"] = list(rate_ci(tpr_at_5fpr, int(row["tpr_n"])))
     return jsonable(row)
 
 
@@ -308,8 +347,23 @@ class StudyContext:
         return tqdm(items, desc=desc, disable=not self.progress, leave=False)
 
     # ---- report material -------------------------------------------------------------
-    def add_check(self, check: str, passed: bool, detail: str, defence: str = "none") -> None:
-        self.checks.append(Check(check, bool(passed), detail, defence))
+    def add_check(
+        self,
+        name: str,
+        passed: bool,
+        detail: str,
+        *,
+        kind: str,
+        defence: str = "none",
+        measured: Any = None,
+        expected: str | None = None,
+    ) -> None:
+        """A validity or outcome check (see :class:`Check`) for the report."""
+        if kind not in CHECK_KINDS:
+            raise ValueError(f"kind must be one of {CHECK_KINDS}")
+        self.checks.append(
+            Check(name, bool(passed), detail, defence, kind, jsonable(measured), expected)
+        )
 
     def figure_path(self, name: str) -> Path:
         path = self.out / "figures" / name

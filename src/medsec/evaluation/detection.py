@@ -38,12 +38,15 @@ from medsec.defences.detection.adaptive import (
     lambda_ladder_attack,
 )
 from medsec.errors import MedsecError
+from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.detection_report import COMMON_NOTE, N_FIT, auc, report
+from medsec.evaluation.indicators import add_checks as add_indicator_checks
 
 FAMILY = "detection"
 ATTACKS = ("fgsm", "bim", "pgd-20", "cw-linf")
 EPS_255 = (1.0, 2.0, 4.0)
+N_UNBOUNDED = 48  # images for the unconstrained (eps = 1) attack
 
 
 @dataclass
@@ -193,6 +196,7 @@ def evaluate_scores(
             "attack_success_rate": float(joint.float().mean()),
             "detection_auc": auc(s_clean.numpy(), hit.numpy()),
             "tpr_at_5fpr": float(det.flagged(hit).float().mean()) if len(hit) else None,
+            "tpr_n": len(hit),
             "clean_fpr": float(det.flagged(s_clean).float().mean()),
             "victim_fooled_rate": float(fooled.float().mean()),
             "detection_auc_all_adversarial": auc(s_clean.numpy(), s_adv.numpy()),
@@ -202,6 +206,58 @@ def evaluate_scores(
         "adv_scores": s_adv.tolist(),
         "fooled": fooled.tolist(),
     }
+
+
+def _indicators(
+    ctx: StudyContext, x: Tensor, y: Tensor, res: Any, final: Tensor
+) -> list[dict[str, Any]]:
+    """Indicators of attack failure of one lambda-ladder run (transfer: the loop's criterion
+    is the deployed detector itself, at a stricter aim, so there is no view to transfer
+    from)."""
+    spread = ind.objective_spread(
+        ctx.victim, x, res.x_adv, y, seed=ctx.seed, batch_size=ctx.profile.batch_size
+    )
+    found = [
+        ind.silent_success(res.loop_success, final),
+        ind.incomplete(res.late_gain, final),
+        ind.transfer_failure(None, final),
+        ind.unavailable(res.unavailable_grad),
+        ind.unstable(spread, mitigated=False),
+    ]
+    return [i.record() for i in found]
+
+
+def _unconstrained(ctx: StudyContext, name: str, f: Fitted, x: Tensor, y: Tensor) -> dict[str, Any]:
+    """The adaptive attack with eps = 1 (any image reachable), detector included, on the
+    first ``N_UNBOUNDED`` attacked images."""
+    xs, ys = x[:N_UNBOUNDED], y[:N_UNBOUNDED]
+
+    def compute() -> dict[str, Any]:
+        spec = AttackSpec(
+            f"adaptive-{name}",
+            1.0,
+            steps=ctx.profile.detection_steps,
+            loss="margin",
+            kappa=KAPPA,
+            targeted=True,
+        )
+        res = lambda_ladder_attack(
+            ctx.victim,
+            f.detector,
+            xs,
+            ys,
+            spec,
+            f.terms,
+            batch_size=ctx.profile.batch_size,
+            seed=ctx.seed,
+            aim=f.aim,
+        )
+        return {"asr": float(res.success.float().mean()), "n": len(xs)}
+
+    key = {"defence": name, "what": "adaptive-unbounded", "eps_255": 255, "n": len(xs)}
+    key.update(steps=ctx.profile.detection_steps, lambdas=LAMBDAS, kappa=KAPPA)
+    cell = ctx.cell(key, compute)
+    return ind.unconstrained(cell["asr"], cell["n"]).record()
 
 
 def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
@@ -283,6 +339,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
                 start=_best_plain(ctx, f.detector, y, eps),
             )
             ev = evaluate_scores(ctx, f.detector, x, y, res.x_adv)
+            ev["indicators"] = _indicators(ctx, x, y, res, ev["success"])
             path = ctx.save_adversarial(
                 f"detection-adaptive-{name}-eps{e255(eps)}", res.x_adv, idx, ev.pop("success")
             )
@@ -324,6 +381,10 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
         }
         results[("adaptive", eps)] = ctx.cell(key, adaptive)
         rows.append(results[("adaptive", eps)]["row"])
+    top = max(eps_values(ctx))
+    by_eps = {e: results[("adaptive", e)].get("indicators", []) for e in eps_values(ctx)}
+    by_eps[top] = by_eps[top] + [_unconstrained(ctx, name, get(top), x, y)]
+    add_indicator_checks(ctx, name, by_eps)
     ctx.add_note(COMMON_NOTE, family=FAMILY)
     ctx.add_note(
         f"{name}: {defence.paper or defence.summary}."

@@ -135,14 +135,18 @@ def report(
     adv_images: AdvImages,
     attacks: tuple[str, ...],
 ) -> None:
-    """ROC before/after adaptation, evading examples, sanity checks, notes."""
+    """ROC before/after adaptation, evading examples, validity and outcome checks, notes."""
     eps_list = sorted({e for _, e in results})
     top = max(eps_list)
     _roc_figure(ctx, name, results, top)
     _evading_figure(ctx, name, results[("adaptive", top)], x, top)
 
-    def check(text: str, passed: bool, detail: str) -> None:
-        ctx.add_check(text, passed, detail, defence=name)
+    def check(
+        text: str, passed: bool, detail: str, kind: str, measured: Any, expected: str
+    ) -> None:
+        ctx.add_check(
+            text, passed, detail, kind=kind, measured=measured, expected=expected, defence=name
+        )
 
     def note(text: str) -> None:
         ctx.add_note(f"{name}: {text}", family=FAMILY, defence=name)
@@ -152,18 +156,18 @@ def report(
         "adaptive joint ASR does not decrease with eps",
         all(asr[a] <= asr[b] + 0.02 for a, b in itertools.pairwise(eps_list)),
         ", ".join(f"{_e(e)}/255: {asr[e]:.3f}" for e in eps_list),
+        "validity",
+        [asr[e] for e in eps_list],
+        "non-decreasing (tolerance 0.02)",
     )
     fprs = [r["row"]["clean_fpr"] for r in results.values()]
     check(
         "clean FPR on test images near the 5% fixed on validation (<= 10%)",
         max(fprs) <= 0.10,
         f"max {max(fprs):.3f}",
-    )
-    nonfinite = max(results[("adaptive", e)]["row"]["nonfinite_grad_fraction"] for e in eps_list)
-    check(
-        "adaptive attack gradients finite",
-        nonfinite == 0,
-        f"non-finite gradient fraction {nonfinite:.3f}",
+        "validity",
+        max(fprs),
+        "<= 0.10",
     )
     na_auc = [results[(a, top)]["row"]["detection_auc"] for a in attacks]
     check(
@@ -172,6 +176,9 @@ def report(
         ", ".join(
             f"{a}: {v if v is None else round(v, 3)}" for a, v in zip(attacks, na_auc, strict=True)
         ),
+        "outcome",
+        na_auc,
+        ">= 0.9 for every attack",
     )
     for attack, v in zip(attacks, na_auc, strict=True):
         if v is not None and v < 0.9:
@@ -183,17 +190,26 @@ def report(
             "(Ma et al.'s protocol)",
             min(per_attack) >= 0.9,
             ", ".join(f"{a}: {v:.3f}" for a, v in zip(attacks, per_attack, strict=True)),
+            "outcome",
+            per_attack,
+            ">= 0.9 for every attack",
         )
     ad = results[("adaptive", top)]["row"]
     check(
         f"target: adaptive joint ASR >= 0.9 at {_e(top)}/255",
         ad["attack_success_rate"] >= TARGET_ASR,
         f"{ad['attack_success_rate']:.3f} (victim fooled {ad['victim_fooled_rate']:.3f})",
+        "outcome",
+        ad["attack_success_rate"],
+        f">= {TARGET_ASR}",
     )
     check(
         f"target: adaptive detection AUC <= 0.6 at {_e(top)}/255",
         ad["detection_auc"] is not None and ad["detection_auc"] <= 0.6,
         f"{ad['detection_auc']}",
+        "outcome",
+        ad["detection_auc"],
+        "<= 0.6",
     )
     reached = [e for e in eps_list if asr[e] >= TARGET_ASR]
     note(

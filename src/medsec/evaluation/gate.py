@@ -144,12 +144,18 @@ def run_gate(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
         f"{totals['rejected']}/{totals['changed']} altered adversarial images rejected "
         f"({totals['n'] - totals['changed']} identical after 8-bit quantisation) "
         f"from {len(files)} attack runs",
+        kind="outcome",
+        measured=rejection,
+        expected="1.0",
         defence=defence.name,
     )
     ctx.add_check(
         "signature gate accepts every clean signed image",
         clean["false_rejection_rate"] == 0.0,
         f"{clean['rejected']}/{clean['n']} clean signed originals rejected",
+        kind="outcome",
+        measured=clean["false_rejection_rate"],
+        expected="0.0",
         defence=defence.name,
     )
     ctx.add_note(

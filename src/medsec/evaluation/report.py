@@ -14,6 +14,7 @@ from typing import Any
 from medsec.defences.base import FAMILIES
 from medsec.evaluation.context import EPS_UNIT, StudyContext
 from medsec.evaluation.render import Block, render_html, render_markdown
+from medsec.evaluation.verdict import verdict, verdicts
 from medsec.utils import atomic_write_json, atomic_write_text
 
 THREAT_MODEL = (
@@ -36,15 +37,26 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _with_ci(r: dict[str, Any], value: str) -> str:
+    """The value, followed by its 95% interval where the row has one."""
+    v = r.get(value)
+    ci = (r.get("ci_low"), r.get("ci_high")) if value == "attack_success_rate" else None
+    if value == "tpr_at_5fpr" and r.get("tpr_ci"):
+        ci = tuple(r["tpr_ci"])
+    if v is None or ci is None or ci[0] is None:
+        return _fmt(v)
+    return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
 def _pivot(rows: list[dict[str, Any]], value: str) -> dict[str, Any]:
-    """Rows (attack, adaptive) x columns eps/255 of one value."""
+    """Rows (attack, adaptive) x columns eps/255 of one value (with its 95% interval)."""
     eps = sorted({r["eps_255"] for r in rows})
     table: dict[tuple[str, bool], dict[float, Any]] = defaultdict(dict)
     for r in rows:
-        table[(r["attack"], r["adaptive"])][r["eps_255"]] = r.get(value)
+        table[(r["attack"], r["adaptive"])][r["eps_255"]] = _with_ci(r, value)
     header = ["attack", "adaptive", *[f"{e:g}/255" for e in eps]]
     body = [
-        [a, "yes" if ad else "no", *[_fmt(cells.get(e)) for e in eps]]
+        [a, "yes" if ad else "no", *[cells.get(e, "-") for e in eps]]
         for (a, ad), cells in table.items()
     ]
     return {"header": header, "rows": body}
@@ -96,6 +108,40 @@ def _tables(family: str, drows: list[dict[str, Any]]) -> list[Block]:
     return blocks
 
 
+def _check_table(checks: list[Any]) -> Block:
+    return (
+        "table",
+        {
+            "header": ["check", "result", "measured", "expected"],
+            "rows": [
+                [c.name, "PASS" if c.passed else "FAIL", _fmt(c.measured), c.expected or "-"]
+                for c in checks
+            ],
+        },
+    )
+
+
+def _validity_blocks(ctx: StudyContext, name: str, rows: list[dict[str, Any]]) -> list[Block]:
+    """A defence's validity panel (can its evaluation be trusted?), its verdict, then its
+    outcome checks."""
+    own = [c for c in ctx.checks if c.defence == name]
+    validity = [c for c in own if c.kind == "validity"]
+    outcome = [c for c in own if c.kind == "outcome"]
+    blocks: list[Block] = []
+    if validity:
+        passed = sum(c.passed for c in validity)
+        blocks += [
+            ("p", f"Validity panel: {passed}/{len(validity)} checks pass."),
+            _check_table(validity),
+        ]
+    found = verdict(name, rows, ctx.checks)
+    if found is not None:
+        blocks.append(("p", f"Verdict: **{found.label}** - {found.reason}."))
+    if outcome:
+        blocks += [("p", "Outcome checks (what the study found):"), _check_table(outcome)]
+    return blocks
+
+
 def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -> list[Block]:
     """One family's section: family-wide notes, then per entry its tables, figures and notes
     (filed by the ``defence`` field of each note and figure), then family-wide figures."""
@@ -115,6 +161,7 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
             )
         )
         blocks += _tables(family, drows)
+        blocks += _validity_blocks(ctx, name, rows)
         blocks += [("figure", (f.path, f.caption)) for f in figures if f.defence == name]
         blocks += [("p", n.text) for n in notes if n.defence == name]
     blocks += [("figure", (f.path, f.caption)) for f in figures if f.defence is None]
@@ -145,10 +192,15 @@ def _summary(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[str]:
         best[r["defence"]] = max(best.get(r["defence"], 0.0), r["attack_success_rate"])
     for name, asr in best.items():
         lines.append(f"`{name}` under the adaptive attack at 4/255: ASR {asr:.1%}.")
+    lines += [f"`{v.defence}`: {v.label} ({v.reason})." for v in verdicts(rows, ctx.checks)]
     gate = [c for c in ctx.checks if c.defence == "signature-gate"]
-    lines += [f"{c.check}: {'PASS' if c.passed else 'FAIL'} ({c.detail})." for c in gate]
-    passed = sum(c.passed for c in ctx.checks)
-    lines.append(f"Sanity checks: {passed}/{len(ctx.checks)} passed.")
+    lines += [f"{c.name}: {'PASS' if c.passed else 'FAIL'} ({c.detail})." for c in gate]
+    validity = [c for c in ctx.checks if c.kind == "validity"]
+    passed = sum(c.passed for c in validity)
+    lines.append(
+        f"Validity checks: {passed}/{len(validity)} passed "
+        f"(outcome checks are reported with each entry, not counted here)."
+    )
     return lines
 
 
@@ -256,14 +308,21 @@ def build_blocks(
     for fam in FAMILIES:
         if families.get(fam):
             blocks += _family_blocks(fam, families[fam], ctx)
-    blocks.append(("h2", "Sanity checks"))
+    blocks.append(("h2", "Checks"))
+    blocks.append(
+        (
+            "p",
+            "Validity: can the evaluation of this entry be trusted (a failure makes its verdict "
+            "inconclusive). Outcome: what the study found.",
+        )
+    )
     blocks.append(
         (
             "table",
             {
-                "header": ["defence", "check", "result", "detail"],
+                "header": ["defence", "kind", "check", "result", "detail"],
                 "rows": [
-                    [c.defence, c.check, "PASS" if c.passed else "FAIL", c.detail]
+                    [c.defence, c.kind, c.name, "PASS" if c.passed else "FAIL", c.detail]
                     for c in ctx.checks
                 ],
             },
@@ -306,7 +365,8 @@ def write_report(ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str
         },
         "eps_unit": EPS_UNIT,
         "rows": rows,
-        "sanity": [asdict(c) for c in ctx.checks],
+        "checks": [asdict(c) for c in ctx.checks],
+        "verdicts": [asdict(v) for v in verdicts(rows, ctx.checks)],
         "figures": [asdict(f) for f in ctx.figures],
         "notes": [asdict(n) for n in ctx.notes],
         **record,
@@ -322,6 +382,8 @@ def write_report(ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str
         "n",
         "clean_accuracy",
         "attack_success_rate",
+        "ci_low",
+        "ci_high",
         "detection_auc",
         "tpr_at_5fpr",
     ]

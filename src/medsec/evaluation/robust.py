@@ -21,9 +21,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medsec.attacks import EOT, AttackSpec, Objective, logits_forward, margin, preset, run_attack
+from medsec.attacks import (
+    EOT,
+    AttackResult,
+    AttackSpec,
+    Objective,
+    logits_forward,
+    margin,
+    preset,
+    run_attack,
+)
 from medsec.attacks.criteria import majority, success_runs
 from medsec.defences.base import Defence, Deployed
+from medsec.evaluation import indicators as ind
 from medsec.evaluation import robust_checks
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.diagnostics import gradient_stats, margin_objective_factory
@@ -130,6 +140,7 @@ def attack_cell(
                 objective_factory=_objective_factory(dep),
                 batch_size=ctx.profile.batch_size,
                 seed=ctx.seed,
+                repeats=dep.repeats,
             )
         else:
             source = ctx.victim if dep.transfer else dep.pipeline
@@ -154,6 +165,8 @@ def attack_cell(
             eps=spec.eps,
             adaptive=adaptive,
         )
+        if adaptive:
+            out["indicators"] = _indicators(ctx, dep, x, y, res, succ)
         if dep.diagnostics is not None:
             out["saturation_clean"] = dep.diagnostics(x.to(ctx.device))
             out["saturation_adversarial"] = dep.diagnostics(res.x_adv.to(ctx.device))
@@ -168,6 +181,30 @@ def attack_cell(
     key = {"defence": name, "what": what, "n": len(x), **spec_key(spec)}
     key.update(train=train_id(dep), eot=dep.eot, repeats=dep.repeats, bpda=dep.bpda)
     return ctx.cell(key, compute)
+
+
+def _indicators(
+    ctx: StudyContext, dep: Deployed, x: Tensor, y: Tensor, res: AttackResult, succ: Tensor
+) -> list[dict[str, Any]]:
+    """The indicators of attack failure of one adaptive run (the unconstrained one is run
+    separately, in the diagnostics)."""
+    final = majority(succ)
+    bs = ctx.profile.batch_size
+    view = None
+    if dep.attack_view is not None or dep.eot > 1:
+        seen = dep.attack_view if dep.attack_view is not None else dep.pipeline
+        view = ind.view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs)
+    if dep.reseed is not None:
+        dep.reseed(ctx.seed)
+    spread = ind.objective_spread(dep.pipeline, x, res.x_adv, y, seed=ctx.seed, batch_size=bs)
+    found = [
+        ind.silent_success(res.success, final),
+        ind.incomplete(res.late_gain, final),
+        ind.transfer_failure(view, final),
+        ind.unavailable(res.unavailable_grad),
+        ind.unstable(spread, mitigated=dep.eot > 1 and dep.repeats > 1),
+    ]
+    return [i.record() for i in found]
 
 
 def reference_cell(ctx: StudyContext, spec: AttackSpec, n: int, what: str) -> dict[str, Any]:

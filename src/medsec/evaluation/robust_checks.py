@@ -1,9 +1,10 @@
 """Checks, diagnostics and notes of the robustification evaluator, for any Defence.
 
-Sanity checks (evaluation.md): a working classifier, ASR non-decreasing in eps, adaptive >=
-non-adaptive, finite non-zero gradients, convergence (2x steps and restarts), a step-size
-sweep, an unbounded attack, and the item-8 fixtures; plus the notes that carry the
-defence's paper, assumptions and training record into the report.
+Validity checks (can this evaluation be trusted?): a working classifier, ASR non-decreasing
+in eps, adaptive >= non-adaptive, the indicators of attack failure (Pintor et al. 2022),
+convergence (2x steps and restarts), a step-size sweep, and the item-8 fixtures. Outcome
+checks: what the study found. Plus the notes that carry the defence's paper, assumptions
+and training record into the report.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import Tensor
 from medsec.attacks import AttackSpec
 from medsec.defences.base import Defence, Deployed
 from medsec.evaluation import diagnostics as diag
+from medsec.evaluation import indicators
 from medsec.evaluation.context import StudyContext
 
 FAMILY = "robustification"
@@ -56,8 +58,26 @@ class Found:
         return min(self.adaptive, key=lambda e: abs(e - TARGET_EPS))
 
 
-def _check(ctx: StudyContext, f: Found, check: str, passed: bool, detail: str) -> None:
-    ctx.add_check(f"{f.name}: {check}", passed, detail, defence=f.name)
+def _check(
+    ctx: StudyContext,
+    f: Found,
+    check: str,
+    passed: bool,
+    detail: str,
+    *,
+    kind: str = "validity",
+    measured: Any = None,
+    expected: str | None = None,
+) -> None:
+    ctx.add_check(
+        f"{f.name}: {check}",
+        passed,
+        detail,
+        kind=kind,
+        defence=f.name,
+        measured=measured,
+        expected=expected,
+    )
 
 
 def _note(ctx: StudyContext, f: Found, text: str) -> None:
@@ -107,6 +127,8 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
         f.clean >= majority + 0.1,
         f"clean accuracy {f.clean:.3f}, majority-class rate {majority:.3f}; below it the "
         "pipeline is (near) constant and a low ASR says nothing about robustness",
+        measured=f.clean,
+        expected=f">= {majority + 0.1:.3f}",
     )
     a4 = f.adaptive[f.eps4]
     if d.reference:
@@ -126,6 +148,9 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
             f"adaptive ASR {a4['asr']:.3f} +- {a4['asr_std']:.3f} over {dep.repeats} "
             f"evaluation(s); the same attack on the undefended victim: "
             f"{f.victim_asr[f.eps4]:.3f}",
+            kind="outcome",
+            measured=a4["asr"],
+            expected=f">= {TARGET_ASR}",
         )
     e10 = next((e for e, acc in sorted(f.curve) if acc <= 0.10), None)
     _note(
@@ -149,6 +174,8 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
         all(b >= a - tol for a, b in itertools.pairwise(asrs)),
         "ASR "
         + ", ".join(f"{e * 255:g}/255: {a:.3f}" for e, a in zip(eps_sorted, asrs, strict=True)),
+        measured=asrs,
+        expected=f"non-decreasing (tolerance {tol:.3f})",
     )
     worse = [
         (e, max(c["asr"] for c in f.non[e]), f.adaptive[e]["asr"]) for e in eps_sorted if e in f.non
@@ -159,21 +186,18 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
         "adaptive >= non-adaptive at every eps",
         all(a >= m - tol for _, m, a in worse),
         "; ".join(f"{e * 255:g}/255: non-adaptive {m:.3f}, adaptive {a:.3f}" for e, m, a in worse),
+        measured=max((m - a for _, m, a in worse), default=0.0),
+        expected=f"non-adaptive - adaptive <= {tol:.3f}",
     )
-    _check(
-        ctx,
-        f,
-        "adaptive attack gradients finite and non-zero",
-        a4["zero_grad_fraction"] == 0.0 and a4["nonfinite_grad_fraction"] == 0.0,
-        f"at 4/255: mean input-gradient norm {a4['grad_norm_mean']:.3g}, zero fraction "
-        f"{a4['zero_grad_fraction']:.3f}, non-finite {a4['nonfinite_grad_fraction']:.3f}"
-        + (
-            f"; kernel saturation clean {a4['saturation_clean']}, adversarial "
-            f"{a4['saturation_adversarial']}"
-            if "saturation_clean" in a4
-            else ""
-        ),
-    )
+    if "saturation_clean" in a4:
+        _note(
+            ctx,
+            f,
+            f"kernel saturation at 4/255: clean {a4['saturation_clean']}, adversarial "
+            f"{a4['saturation_adversarial']}.",
+        )
+    by_eps = {e: c.get("indicators", []) for e, c in f.adaptive.items()}
+    indicators.add_checks(ctx, f.name, by_eps, prefix=f"{f.name}: ")
 
 
 def diagnostics(
@@ -225,6 +249,8 @@ def diagnostics(
         long["asr"] - main_sub <= TOLERANCE,
         f"at 4/255 on {len(x)} images: {base.steps} steps x {base.restarts} restarts ASR "
         f"{main_sub:.3f}, {2 * base.steps} x {2 * base.restarts}: {long['asr']:.3f}",
+        measured=long["asr"] - main_sub,
+        expected=f"<= {TOLERANCE}",
     )
     best = max(sweep.values())
     factors = "/".join(f"{s:g}" for s in base.restart_step_factors)
@@ -236,19 +262,24 @@ def diagnostics(
         main_sub >= best - TOLERANCE,
         f"attack {main_sub:.3f}; one restart at step factor "
         + ", ".join(f"{k}: {v:.3f}" for k, v in sweep.items()),
+        measured=best - main_sub,
+        expected=f"<= {TOLERANCE}",
     )
+    ind = indicators.unconstrained(unbounded["asr"], len(x))
     _check(
         ctx,
         f,
-        "unbounded attack (eps = 1) reaches 100%",
-        unbounded["asr"] >= 0.99,
-        f"ASR {unbounded['asr']:.3f}",
+        f"indicator: {ind.name}",
+        bool(ind.passed),
+        ind.detail,
+        measured=ind.measured,
+        expected=ind.expected,
     )
 
 
 def fixtures(ctx: StudyContext) -> None:
     """evaluation.md item 8, once per study run (cached across runs)."""
-    if any(c.check.startswith("fixture:") for c in ctx.checks):
+    if any(c.name.startswith("fixture:") for c in ctx.checks):
         return
     x, y, _ = ctx.attack_set(ctx.victim, N_DIAG)
     eps, steps = 8 / 255, ctx.profile.adaptive_steps
@@ -261,17 +292,26 @@ def fixtures(ctx: StudyContext) -> None:
         "fixture: undefended victim falls to ~0% robust accuracy",
         u["asr"] >= 0.98,
         f"adaptive margin PGD at 8/255 on {len(x)} images: ASR {u['asr']:.3f}",
+        kind="validity",
+        measured=u["asr"],
+        expected=">= 0.98",
     )
     ctx.add_check(
         "fixture: identity defence beaten by the adaptive attack",
         i["asr"] >= 0.98 and abs(i["asr"] - u["asr"]) <= 0.02,
         f"ASR {i['asr']:.3f} (victim {u['asr']:.3f})",
+        kind="validity",
+        measured=i["asr"],
+        expected=">= 0.98 and within 0.02 of the victim",
     )
     ctx.add_check(
         "fixture: gradient-killing layer masks plain PGD and is beaten with BPDA",
         k["zero_grad_fraction"] == 1.0 and kb["asr"] >= 0.98,
         f"plain PGD-20: zero-gradient fraction {k['zero_grad_fraction']:.2f}, ASR "
         f"{k['asr']:.3f}; adaptive + BPDA(identity backward): ASR {kb['asr']:.3f}",
+        kind="validity",
+        measured=kb["asr"],
+        expected="zero-gradient fraction 1.0 without BPDA, ASR >= 0.98 with it",
     )
 
 

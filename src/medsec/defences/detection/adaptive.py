@@ -256,6 +256,10 @@ class LadderResult:
     per_rung: list[int] = field(default_factory=list)
     aim: float | None = None
     at_aim: int = 0
+    # per example, from the last rung that attacked it (for the indicators of attack failure)
+    loop_success: Tensor | None = None  # the loop's Criterion (at the aim) saw a success
+    unavailable_grad: Tensor | None = None
+    late_gain: Tensor | None = None
 
 
 def lambda_ladder_attack(
@@ -298,6 +302,8 @@ def lambda_ladder_attack(
             at_aim[done] = _succeeds(victim, aimed, x_adv[done], y[done], device)
     remaining = torch.nonzero(~at_aim)[:, 0]
     result = LadderResult(x_adv, success, lam_used, spec, tuple(lambdas), aim=aim)
+    result.loop_success = torch.zeros(len(x), dtype=torch.bool)
+    result.unavailable_grad, result.late_gain = torch.zeros(len(x)), torch.zeros(len(x))
     for rung, lam in enumerate(lambdas):
         if len(remaining) == 0:
             break
@@ -328,6 +334,10 @@ def lambda_ladder_attack(
         result.nonfinite_grad_fraction += res.nonfinite_grad_fraction * share
         result.zero_grad_fraction += res.zero_grad_fraction * share
         result.per_rung.append(int(res.success.sum()))
+        result.loop_success[remaining[res.success]] = True
+        if res.unavailable_grad is not None and res.late_gain is not None:
+            result.unavailable_grad[remaining] = res.unavailable_grad
+            result.late_gain[remaining] = res.late_gain
         remaining = remaining[~res.success]
     result.at_aim = int(at_aim.sum())
     return result

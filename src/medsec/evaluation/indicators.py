@@ -1,0 +1,246 @@
+"""Indicators of attack failure (Pintor et al. 2022, "Indicators of Attack Failure:
+Debugging and Improving Optimization of Adversarial Examples", NeurIPS) for any attack run
+against any deployed pipeline.
+
+Each indicator says whether a low attack success rate could be the attack's fault rather
+than the defence's merit, with the value measured. All are fractions of the attacked images,
+judged against ``TOLERANCE`` (the +-0.05 the headline intervals allow), except the
+unconstrained attack, which must reach ``UNBOUNDED_ASR``:
+
+- silent success: the loop's Criterion saw a success that the deployed pipeline's final
+  re-evaluation (majority of repeated runs) does not confirm;
+- incomplete optimisation: failures whose objective was still climbing at the end (more
+  than ``LATE_SHARE`` of the last restart's gain made in its final 20% of steps);
+- transfer failure: images that succeed on the attacker's view (BPDA / surrogate / EOT
+  average) but fail on the deployed pipeline (not applicable when they are the same);
+- unavailable gradients: images whose input gradient was zero or non-finite on at least
+  ``BAD_STEPS`` of their steps;
+- unstable predictions: images whose objective under repeated calls and tiny input noise
+  varies by more than ``NOISE_SPREAD`` of the distance the attack had to cover; a
+  randomised pipeline attacked with EOT and majority re-evaluation counts as mitigated;
+- unconstrained attack failure: the same attack with eps = 1 (any image reachable) must
+  reach ~100%, detectors included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from medsec.attacks import eval_mode
+from medsec.attacks.losses import as_two_logits
+from medsec.evaluation.context import StudyContext
+
+TOLERANCE = 0.05
+LATE_SHARE = 0.25
+BAD_STEPS = 0.10
+NOISE_SPREAD = 0.10
+NOISE = 0.5 / 255  # tiny input noise (uniform +-), well below every study budget
+NOISE_DRAWS = 4
+UNBOUNDED_ASR = 0.99
+
+NAMES = (
+    "silent success",
+    "incomplete optimisation",
+    "transfer failure",
+    "unavailable gradients",
+    "unstable predictions",
+    "unconstrained attack failure",
+)
+
+
+@dataclass(frozen=True)
+class Indicator:
+    """One indicator for one attack run: ``passed`` None = not applicable."""
+
+    name: str
+    passed: bool | None
+    measured: float | None
+    expected: str
+    detail: str
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _frac(mask: Tensor) -> float:
+    return float(mask.float().mean()) if mask.numel() else 0.0
+
+
+def silent_success(loop_success: Tensor, final_success: Tensor) -> Indicator:
+    silent = loop_success.bool() & ~final_success.bool()
+    v = _frac(silent)
+    return Indicator(
+        "silent success",
+        v <= TOLERANCE,
+        v,
+        f"<= {TOLERANCE}",
+        f"{int(silent.sum())} of {len(silent)} images succeeded in the loop but not on the "
+        "deployed pipeline's final re-evaluation",
+    )
+
+
+def incomplete(late_gain: Tensor | None, final_success: Tensor) -> Indicator:
+    if late_gain is None:
+        return Indicator("incomplete optimisation", None, None, "-", "no per-example trace")
+    climbing = (late_gain > LATE_SHARE) & ~final_success.bool()
+    v = _frac(climbing)
+    return Indicator(
+        "incomplete optimisation",
+        v <= TOLERANCE,
+        v,
+        f"<= {TOLERANCE}",
+        f"{int(climbing.sum())} failures made > {LATE_SHARE:.0%} of their objective gain in "
+        "the last 20% of the steps (still climbing: more steps could succeed)",
+    )
+
+
+def transfer_failure(view_success: Tensor | None, final_success: Tensor) -> Indicator:
+    if view_success is None:
+        return Indicator(
+            "transfer failure",
+            None,
+            None,
+            "-",
+            "not applicable: the attack ran on the deployed pipeline itself",
+        )
+    lost = view_success.bool() & ~final_success.bool()
+    v = _frac(lost)
+    return Indicator(
+        "transfer failure",
+        v <= TOLERANCE,
+        v,
+        f"<= {TOLERANCE}",
+        f"{int(lost.sum())} images fool the attacker's view but not the deployed pipeline "
+        f"(view ASR {_frac(view_success.bool()):.3f}, deployed {_frac(final_success):.3f})",
+    )
+
+
+def unavailable(unavailable_grad: Tensor | None) -> Indicator:
+    if unavailable_grad is None:
+        return Indicator("unavailable gradients", None, None, "-", "no per-example trace")
+    bad = unavailable_grad >= BAD_STEPS
+    v = _frac(bad)
+    return Indicator(
+        "unavailable gradients",
+        v <= TOLERANCE,
+        v,
+        f"<= {TOLERANCE}",
+        f"{int(bad.sum())} images had a zero or non-finite input gradient on >= "
+        f"{BAD_STEPS:.0%} of their steps (mean share of such steps "
+        f"{float(unavailable_grad.mean()) if len(unavailable_grad) else 0.0:.3f})",
+    )
+
+
+def unstable(spread: Tensor, mitigated: bool) -> Indicator:
+    shaky = spread > NOISE_SPREAD
+    v = _frac(shaky)
+    ok = v <= TOLERANCE
+    return Indicator(
+        "unstable predictions",
+        ok or mitigated,
+        v,
+        f"<= {TOLERANCE} (or EOT + majority re-evaluation)",
+        f"{int(shaky.sum())} images: the objective under repeated calls and +-{NOISE * 255:g}/255 "
+        f"noise spreads by > {NOISE_SPREAD:.0%} of the distance the attack had to cover"
+        + ("" if ok else "; mitigated by EOT and majority re-evaluation" if mitigated else ""),
+    )
+
+
+def unconstrained(asr: float, n: int) -> Indicator:
+    return Indicator(
+        "unconstrained attack failure",
+        asr >= UNBOUNDED_ASR,
+        asr,
+        f">= {UNBOUNDED_ASR}",
+        f"the same attack at eps = 1 (any image reachable) on {n} images: ASR {asr:.3f}",
+    )
+
+
+@torch.no_grad()
+def margin_of(pipeline: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """Untargeted margin max_{j != y} z_j - z_y of the deployed pipeline (> 0: fooled)."""
+    with eval_mode(pipeline):
+        z = as_two_logits(pipeline(x))
+    own = z.gather(1, y[:, None])[:, 0]
+    other = z.masked_fill(nn.functional.one_hot(y, z.shape[1]).bool(), -torch.inf).amax(1)
+    return other - own
+
+
+@torch.no_grad()
+def objective_spread(
+    pipeline: nn.Module,
+    x: Tensor,
+    x_adv: Tensor,
+    y: Tensor,
+    *,
+    seed: int = 0,
+    batch_size: int = 250,
+) -> Tensor:
+    """Per image: spread (max - min) of the margin at ``x_adv`` over repeated calls with tiny
+    input noise, relative to how far the attack moved the margin from the clean image."""
+    gen = torch.Generator().manual_seed(seed)
+    device = next(iter(pipeline.parameters()), torch.empty(0)).device
+    out = []
+    for s in range(0, len(x), batch_size):
+        xb, ab, yb = (t[s : s + batch_size].to(device) for t in (x, x_adv, y))
+        draws = []
+        for _ in range(NOISE_DRAWS):
+            u = torch.rand(ab.shape, generator=gen).to(device)
+            draws.append(margin_of(pipeline, (ab + (2 * u - 1) * NOISE).clamp(0, 1), yb))
+        m = torch.stack(draws)
+        covered = (margin_of(pipeline, ab, yb) - margin_of(pipeline, xb, yb)).abs()
+        out.append(((m.amax(0) - m.amin(0)) / covered.clamp_min(1e-6)).cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+@torch.no_grad()
+def view_success(
+    view: nn.Module, x_adv: Tensor, y: Tensor, *, draws: int = 1, batch_size: int = 250
+) -> Tensor:
+    """Success on the attacker's view: the Criterion on the view's prediction (averaged
+    softmax over ``draws`` calls where the view is randomised)."""
+    out = []
+    device = next(iter(view.parameters()), torch.empty(0)).device
+    with eval_mode(view):
+        for s in range(0, len(x_adv), batch_size):
+            xb, yb = x_adv[s : s + batch_size].to(device), y[s : s + batch_size].to(device)
+            p = torch.stack(
+                [as_two_logits(view(xb)).softmax(1) for _ in range(max(1, draws))]
+            ).mean(0)
+            out.append((p.argmax(1) != yb).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def passed_all(found: list[Indicator]) -> bool:
+    """Every applicable indicator passes."""
+    return all(i.passed is not False for i in found)
+
+
+def add_checks(
+    ctx: StudyContext, defence: str, by_eps: dict[float, list[dict[str, Any]]], prefix: str = ""
+) -> None:
+    """One validity check per indicator over every eps of a defence's adaptive attack: it
+    passes where it passes at every eps; an indicator applicable nowhere gets no check."""
+    by_name: dict[str, list[tuple[float, dict[str, Any]]]] = {}
+    for eps in sorted(by_eps):
+        for found in by_eps[eps]:
+            by_name.setdefault(found["name"], []).append((eps, found))
+    for name, found in by_name.items():
+        applicable = [(e, i) for e, i in found if i["passed"] is not None]
+        if not applicable:
+            continue
+        bad = [(e, i) for e, i in applicable if not i["passed"]]
+        e, worst = (bad or applicable)[0]
+        ctx.add_check(
+            f"{prefix}indicator: {name}",
+            not bad,
+            f"at {e * 255:g}/255: {worst['detail']}",
+            kind="validity",
+            defence=defence,
+            measured={f"{e * 255:g}": i["measured"] for e, i in applicable},
+            expected=worst["expected"],
+        )
