@@ -52,7 +52,9 @@ def _signs(shape: tuple[int, ...], gen: torch.Generator | None, like: Tensor) ->
     return (2 * bits - 1).to(device=like.device, dtype=like.dtype)
 
 
-def _square_mask(b: int, h: int, w: int, s: int, gen: torch.Generator | None, like: Tensor):
+def _square_mask(
+    b: int, h: int, w: int, s: int, gen: torch.Generator | None, like: Tensor
+) -> Tensor:
     """(b, 1, h, w) bool: one s x s square per example at a uniformly random position."""
     top = torch.randint(0, h - s + 1, (b, 1), generator=gen, device="cpu").to(like.device)
     left = torch.randint(0, w - s + 1, (b, 1), generator=gen, device="cpu").to(like.device)
@@ -70,7 +72,6 @@ def _candidate(
     b, c, h, w = best.shape
     mask = _square_mask(b, h, w, s, gen, best)
     sign = _signs((b, c, 1, 1), gen, best)
-    redraw = torch.ones(b, dtype=torch.bool, device=best.device)
     for _ in range(_RESAMPLES):
         cand = torch.where(mask, best + 2 * eps * sign, best).clamp_(lo, hi)
         redraw = (cand == best).flatten(1).all(1)
@@ -98,6 +99,8 @@ def square(
     generator: torch.Generator | None = None,
 ) -> AttackResult:
     """L-inf Square Attack on one NCHW batch in [0, 1]; ``criterion`` decides success."""
+    if queries < 1:
+        raise MedsecError(f"the query budget must be >= 1, got {queries}")
     spec = AttackSpec(
         name="square", eps=eps, steps=queries, random_start=False, restarts=1, loss="margin"
     )
