@@ -1,4 +1,5 @@
-"""One attack engine: the PGD loop, composable losses, EOT/BPDA, and one success criterion."""
+"""One attack engine: the PGD loop, composable losses, EOT/BPDA, the gradient-free Square
+Attack, and one success criterion."""
 
 from medsec.attacks.criteria import Criterion, eval_mode, majority, success_runs
 from medsec.attacks.losses import (
@@ -19,6 +20,7 @@ from medsec.attacks.pgd import (
     preset,
     run_attack,
 )
+from medsec.attacks.square import run_square, square
 from medsec.attacks.transforms import BPDA, EOT
 
 __all__ = [
@@ -41,5 +43,7 @@ __all__ = [
     "pgd",
     "preset",
     "run_attack",
+    "run_square",
+    "square",
     "success_runs",
 ]
