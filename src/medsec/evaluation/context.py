@@ -48,6 +48,7 @@ class Profile:
     batch_size: int = 250
     adaptive_steps: int = 50  # steps of each restart of the adaptive attack on robustification
     detection_steps: int = 30  # steps of each lambda rung of the adaptive attack on detectors
+    square_queries: int = 1000  # query budget of the gradient-free Square Attack per image
 
     def record(self) -> dict[str, Any]:
         rec = asdict(self)
@@ -58,8 +59,8 @@ class Profile:
 STUDY_EPS = tuple(e / 255 for e in (0.5, 1, 2, 4, 8))
 PROFILES: dict[str, Profile] = {
     # a smoke run in minutes (tests, trying out a plug-in): 28 px, few images, two budgets
-    "tiny": Profile("tiny", 28, 400, 100, 120, 8, 8, 40, (2 / 255, 8 / 255), 40, 10, 10),
-    "quick": Profile("quick", 64, 2000, 300, 400, 20, 6, 200, STUDY_EPS),
+    "tiny": Profile("tiny", 28, 400, 100, 120, 8, 8, 40, (2 / 255, 8 / 255), 40, 10, 10, 100),
+    "quick": Profile("quick", 64, 2000, 300, 400, 20, 6, 200, STUDY_EPS, square_queries=500),
     "full": Profile("full", 64, 4000, 500, 1000, 40, 8, 500, STUDY_EPS),
 }
 

@@ -38,7 +38,7 @@ from medsec.defences.detection.adaptive import (
     lambda_ladder_attack,
 )
 from medsec.errors import MedsecError
-from medsec.evaluation import indicators as ind
+from medsec.evaluation import detection_validity as validity
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.detection_report import COMMON_NOTE, N_FIT, auc, report
 from medsec.evaluation.indicators import add_checks as add_indicator_checks
@@ -46,7 +46,6 @@ from medsec.evaluation.indicators import add_checks as add_indicator_checks
 FAMILY = "detection"
 ATTACKS = ("fgsm", "bim", "pgd-20", "cw-linf")
 EPS_255 = (1.0, 2.0, 4.0)
-N_UNBOUNDED = 48  # images for the unconstrained (eps = 1) attack
 
 
 @dataclass
@@ -208,58 +207,6 @@ def evaluate_scores(
     }
 
 
-def _indicators(
-    ctx: StudyContext, x: Tensor, y: Tensor, res: Any, final: Tensor
-) -> list[dict[str, Any]]:
-    """Indicators of attack failure of one lambda-ladder run (transfer: the loop's criterion
-    is the deployed detector itself, at a stricter aim, so there is no view to transfer
-    from)."""
-    spread = ind.objective_spread(
-        ctx.victim, x, res.x_adv, y, seed=ctx.seed, batch_size=ctx.profile.batch_size
-    )
-    found = [
-        ind.silent_success(res.loop_success, final),
-        ind.incomplete(res.late_gain, final),
-        ind.transfer_failure(None, final),
-        ind.unavailable(res.unavailable_grad),
-        ind.unstable(spread, mitigated=False),
-    ]
-    return [i.record() for i in found]
-
-
-def _unconstrained(ctx: StudyContext, name: str, f: Fitted, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """The adaptive attack with eps = 1 (any image reachable), detector included, on the
-    first ``N_UNBOUNDED`` attacked images."""
-    xs, ys = x[:N_UNBOUNDED], y[:N_UNBOUNDED]
-
-    def compute() -> dict[str, Any]:
-        spec = AttackSpec(
-            f"adaptive-{name}",
-            1.0,
-            steps=ctx.profile.detection_steps,
-            loss="margin",
-            kappa=KAPPA,
-            targeted=True,
-        )
-        res = lambda_ladder_attack(
-            ctx.victim,
-            f.detector,
-            xs,
-            ys,
-            spec,
-            f.terms,
-            batch_size=ctx.profile.batch_size,
-            seed=ctx.seed,
-            aim=f.aim,
-        )
-        return {"asr": float(res.success.float().mean()), "n": len(xs)}
-
-    key = {"defence": name, "what": "adaptive-unbounded", "eps_255": 255, "n": len(xs)}
-    key.update(steps=ctx.profile.detection_steps, lambdas=LAMBDAS, kappa=KAPPA)
-    cell = ctx.cell(key, compute)
-    return ind.unconstrained(cell["asr"], cell["n"]).record()
-
-
 def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
     """One detection entry: non-adaptive and adaptive rows at every eps, figures, checks."""
     name = defence.name
@@ -339,7 +286,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
                 start=_best_plain(ctx, f.detector, y, eps),
             )
             ev = evaluate_scores(ctx, f.detector, x, y, res.x_adv)
-            ev["indicators"] = _indicators(ctx, x, y, res, ev["success"])
+            ev["indicators"] = validity.indicators(ctx, x, y, res, ev["success"])
             path = ctx.save_adversarial(
                 f"detection-adaptive-{name}-eps{e255(eps)}", res.x_adv, idx, ev.pop("success")
             )
@@ -383,8 +330,9 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
         rows.append(results[("adaptive", eps)]["row"])
     top = max(eps_values(ctx))
     by_eps = {e: results[("adaptive", e)].get("indicators", []) for e in eps_values(ctx)}
-    by_eps[top] = by_eps[top] + [_unconstrained(ctx, name, get(top), x, y)]
+    by_eps[top] = by_eps[top] + [validity.unconstrained(ctx, name, get(top), x, y)]
     add_indicator_checks(ctx, name, by_eps)
+    validity.square(ctx, name, get(top), x, y, results[("adaptive", top)], top)
     ctx.add_note(COMMON_NOTE, family=FAMILY)
     ctx.add_note(
         f"{name}: {defence.paper or defence.summary}."

@@ -33,8 +33,8 @@ from medsec.attacks import (
 )
 from medsec.attacks.criteria import majority, success_runs
 from medsec.defences.base import Defence, Deployed
+from medsec.evaluation import blackbox, robust_checks
 from medsec.evaluation import indicators as ind
-from medsec.evaluation import robust_checks
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.diagnostics import gradient_stats, margin_objective_factory
 from medsec.evaluation.probe import adapt, probe
@@ -387,6 +387,12 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
         ),
         lambda d, e, **over: adaptive_spec(d, e, **({"steps": steps} | over)),
     )
+    n_sq = robust_checks.N_DIAG if dep.eot == 1 else robust_checks.N_DIAG // 2
+    eps_sq = found.eps4
+    square = blackbox.square_cell(
+        ctx, name, dep, x[:n_sq], y[:n_sq], eps_sq, {"train": train_id(dep), "eot": dep.eot}
+    )
+    blackbox.square_check(ctx, name, adaptive[eps_sq]["success"][:n_sq], square, eps_sq)
     robust_checks.fixtures(ctx)
     robust_checks.update_curves_figure(ctx, name, curve, victim_curve)
     return rows
