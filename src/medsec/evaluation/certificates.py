@@ -115,7 +115,7 @@ def certificate_check(
     if dep.certify is None:
         raise MedsecError("certificate check: the defence declares no certify procedure")
     if not 0 < inside < 1 < beyond:
-        raise MedsecError(f"certificate check: need 0 < inside < 1 < beyond, got {inside}, {beyond}")
+        raise MedsecError(f"certificate check: need 0 < inside < 1 < beyond: {inside}, {beyond}")
     start = time.perf_counter()
     x, y = x.cpu(), y.cpu()
     pred, radius = _certify(dep, x, seed, batch_size)

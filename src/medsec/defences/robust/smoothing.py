@@ -32,7 +32,7 @@ from medsec.defences import BuildEnv, Defence, Deployed, register_defence
 from medsec.defences.robust.common import RobustTrainConfig, fit, train_config, trained
 from medsec.defences.robust.medrdf import MajorityVote, SoftVote
 
-SIGMA = 0.25  # noise level, [0,1] pixel units (the paper's middle CIFAR-10 value)
+SIGMA = 0.06  # noise level, [0,1] pixel units (see the assumptions)
 NOISE_EPOCHS = 6
 VOTES = 32  # noisy copies per forward of the deployed module
 N0 = 32  # CERTIFY: selection votes
@@ -163,7 +163,9 @@ class RandomizedSmoothing(Defence):
     )
     summary = "Gaussian-noise majority vote with a certified L2 radius (negative control)"
     assumptions = (
-        f"sigma = {SIGMA} in [0,1] pixel units (the paper's middle CIFAR-10 value)",
+        f"sigma = {SIGMA} in [0,1] pixel units, half the paper's smallest CIFAR-10 value "
+        "(0.12): on fundus-lesion (quick profile, 64 px) the smoothed classifier's validation "
+        "accuracy was 0.50 at sigma 0.25, 0.59 at 0.12, 0.67 at 0.06 (victim 0.68), measured",
         f"base classifier: the victim fine-tuned with Gaussian noise augmentation for "
         f"{NOISE_EPOCHS} epochs with Adam (the paper trains from scratch with noise)",
         f"deployed prediction: majority of {VOTES} noisy votes (no abstain; ties go to the "
