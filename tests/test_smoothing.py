@@ -152,3 +152,13 @@ def test_certificate_check_needs_a_certificate() -> None:
     x = torch.zeros(2, 1, 4, 4)
     with pytest.raises(MedsecError, match="no certify"):
         certificate_check(dep, x, torch.zeros(2, dtype=torch.long))
+
+
+def test_nothing_certified_nothing_attacked() -> None:
+    model = SmoothedClassifier(PixelThreshold(0.5), sigma=SIGMA, seed=0)
+    dep = Deployed(model, attack_view=SmoothedAttackView(model), certify=model.certify)
+    x = torch.full((4, 1, 8, 8), 0.5)  # 50/50 votes: CERTIFY abstains on every image
+    res = certificate_check(dep, x, torch.tensor([0, 1, 0, 1]), steps=2, eot=2)
+    assert res["abstained"] == 4 and res["certified_correct"] == 0
+    assert res["inside"]["attacked"] == 0 and res["violations"] == 0
+    assert res["radius"]["min"] is None

@@ -44,6 +44,8 @@ def _certify(dep: Deployed, x: Tensor, seed: int, batch_size: int) -> tuple[Tens
     if dep.reseed is not None:
         dep.reseed(seed)
     out = [dep.certify(x[s : s + batch_size]) for s in range(0, len(x), batch_size)]
+    if not out:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0)
     return torch.cat([p.cpu() for p, _ in out]), torch.cat([r.cpu() for _, r in out])
 
 

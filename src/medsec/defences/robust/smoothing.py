@@ -77,7 +77,8 @@ def clopper_pearson_lower(k: Tensor, n: int, alpha: float) -> Tensor:
 
 
 class SmoothedClassifier(nn.Module):
-    """g(x) by Monte Carlo over the base classifier ``base`` (see the module docstring)."""
+    """g(x) by Monte Carlo over the base classifier ``base`` (see the module docstring);
+    ``chunk`` caps the noisy images per base forward (memory)."""
 
     def __init__(
         self,
@@ -85,7 +86,7 @@ class SmoothedClassifier(nn.Module):
         sigma: float = SIGMA,
         votes: int = VOTES,
         seed: int = 0,
-        chunk: int = 50,
+        chunk: int = 512,
     ) -> None:
         super().__init__()
         self.base = base
@@ -102,9 +103,11 @@ class SmoothedClassifier(nn.Module):
 
     def noisy_logits(self, x: Tensor, copies: int) -> Tensor:
         """(copies, B, K) base logits of ``copies`` noisy versions of each image."""
-        outs = []
-        for s in range(0, copies, self.chunk):
-            n = min(self.chunk, copies - s)
+        outs, done = [], 0
+        per_call = max(1, self.chunk // max(1, len(x)))  # copies per base forward
+        while done < copies:
+            n = min(per_call, copies - done)
+            done += n
             noise = torch.randn((n, *x.shape), generator=self.generator).to(x) * self.sigma
             logits = as_two_logits(self.base((x.unsqueeze(0) + noise).flatten(0, 1)))
             outs.append(logits.view(n, len(x), -1))
