@@ -25,6 +25,7 @@ BUILTINS = {
     "dae",
     "medrdf",
     "pgd-at",
+    "randomized-smoothing",
     "ma-kd-bu",
     "ma-lid",
     "ma-deepfeat",

@@ -112,6 +112,8 @@ class Deployed:
     notes: list[str] = field(default_factory=list)  # facts of this build for the report
     diagnostics: Callable[[Tensor], dict[str, float]] | None = None  # extra per-image stats
     max_images: int | None = None  # cap on attacked images (cost of EOT x repeats)
+    # certified defences: x -> (prediction, certified L2 radius); prediction -1 = abstain
+    certify: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
     pipeline: nn.Module = field(init=False)
 
     def __post_init__(self) -> None:
