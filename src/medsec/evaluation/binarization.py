@@ -133,9 +133,14 @@ def _features(dep: Deployed, hook: _Readout, pts: Tensor, seed: int) -> tuple[Te
     with torch.no_grad(), eval_mode(dep.pipeline):
         for s in range(0, len(pts), 500):
             dep.pipeline(pts[s : s + 500])
-    feats, outs = zip(*hook.records, strict=True)
+    feats, outs = (torch.cat(t) for t in zip(*hook.records, strict=True))
     hook.records.clear()
-    return torch.cat(feats), torch.cat(outs)
+    if len(feats) != len(pts):
+        raise MedsecError(
+            "binarization test: the classifier's last linear layer ran on "
+            f"{len(feats)} rows for {len(pts)} images; it needs one feature vector per image"
+        )
+    return feats, outs
 
 
 def _fit(feats: Tensor, logits: Tensor) -> tuple[Tensor, float]:
