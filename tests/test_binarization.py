@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from medsec.attacks import AttackSpec, preset, run_attack
 from medsec.attacks.losses import Objective, logits_forward, margin
-from medsec.attacks.transforms import BPDA
+from medsec.attacks.transforms import BPDA, EOT
 from medsec.data.base import Dataset
 from medsec.defences.base import Deployed, Pipeline
+from medsec.defences.robust.medrdf import MedRDF, MedRDFAttackView
 from medsec.errors import MedsecError
 from medsec.evaluation.binarization import binarization_test, last_linear
 from medsec.evaluation.diagnostics import GradientKiller
@@ -119,6 +120,24 @@ def test_gradient_masking_fails_the_test_and_bpda_through_the_same_head_passes(
     assert adaptive["pass_rate"] >= 0.95
 
 
+def test_randomised_vote_defence_medrdf(victim_set) -> None:
+    """MedRDF runs the head on 25 noisy copies per image and votes: the readout is fitted on
+    every copy's features, and the adaptive attack (EOT + BPDA view) still passes."""
+    model, x, y = victim_set
+    med = MedRDF(model, seed=0).eval()
+    dep = Deployed(med, attack_view=MedRDFAttackView(med), eot=4, repeats=3, reseed=med.reseed)
+    spec = AttackSpec("adaptive-eot-bpda", EPS, steps=20, loss="margin", eot_samples=4)
+
+    def adaptive(xs: Tensor, ys: Tensor) -> Tensor:
+        assert dep.attack_view is not None
+        obj = Objective(logits_forward(dep.attack_view), [(1.0, margin())], ys)
+        eot = EOT(obj, dep.eot, batched=True)
+        return run_attack(dep.pipeline, xs, ys, spec, objective_factory=lambda a, i: eot).x_adv
+
+    res = binarization_test(dep, x[:4], y[:4], EPS, adaptive, n_inner=99)
+    assert res["n_tested"] >= 3 and res["pass_rate"] >= 0.95
+
+
 class NearFlagger:
     """A detector flagging everything within 2 eps (L-inf) of some given images."""
 
@@ -164,8 +183,8 @@ def test_deterministic_given_the_seed(victim_set) -> None:
     assert 0 < runs[0]["pass_rate"] < 1
 
 
-class TwoPass(nn.Module):
-    """A head that runs twice per image (an averaged ensemble): no single feature vector."""
+class ExtraRow(nn.Module):
+    """A head that also runs on one extra row per batch: rows do not map to images."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -173,7 +192,7 @@ class TwoPass(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         f = x.flatten(1)
-        return (self.head(f) + self.head(1 - f)) / 2
+        return self.head(torch.cat([f, f[:1]]))[:-1]
 
 
 def test_bad_input_is_one_clear_error(victim_set) -> None:
@@ -181,9 +200,9 @@ def test_bad_input_is_one_clear_error(victim_set) -> None:
     no_linear = Deployed(classifier=nn.Sequential(nn.Conv2d(1, 2, 28), nn.Flatten()))
     with pytest.raises(MedsecError, match=r"no nn\.Linear"):
         binarization_test(no_linear, x[:2], y[:2], EPS, lambda a, b: a)
-    twice = Deployed(classifier=TwoPass())
-    with pytest.raises(MedsecError, match="one feature vector per image"):
-        binarization_test(twice, x[:2], y[:2], EPS, lambda a, b: a, n_inner=9)
+    extra = Deployed(classifier=ExtraRow())
+    with pytest.raises(MedsecError, match="not a whole number of rows per image"):
+        binarization_test(extra, x[:2], y[:2], EPS, lambda a, b: a, n_inner=9)
     dep = Deployed(classifier=victim_set[0])
     with pytest.raises(MedsecError, match="eps"):
         binarization_test(dep, x[:2], y[:2], 0.0, lambda a, b: a)
