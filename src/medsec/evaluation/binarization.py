@@ -15,7 +15,15 @@ preprocess, its detector and the attacker's view (BPDA/EOT, when it holds the sa
 classifier) all see the modified model; the hook is removed on exit, errors included.
 Feasibility (else the image is skipped and counted): the modified deployed pipeline keeps x
 and the inner points at y and decides the target a success by the one Criterion (the
-detector, if any, not flagging it). Up to ``n_boundary`` surface points are tried as target.
+detector, if any, not flagging it). The paper's setting is one surface point
+(``n_boundary=1``); more are tried in turn as fallback targets, as the authors' code
+resamples points a detector rejects.
+
+Where the head runs on several noisy copies per image (a vote, e.g. MedRDF) the readout is
+fitted on every copy's features and the target is drawn ``TARGET_DRAWS`` times. A detector
+that reads the classifier's logits sees the readout too (the modified model is the whole
+model). An attacker's view that holds a COPY of the classifier does not: it then fails the
+test, which is the right verdict for an attack aimed at a different model.
 Pass = the attack's output lies in the ball and is a success by the Criterion; the paper
 calls an attack trustworthy at a pass rate >= 0.95 (``PASS_RATE``).
 """
@@ -184,6 +192,35 @@ def _decide(dep: Deployed, x: Tensor, y: Tensor, detector: Any, seed: int) -> Te
     return majority(runs)
 
 
+def _set_up(
+    dep: Deployed,
+    hook: _Readout,
+    clean: Tensor,
+    targets: Tensor,
+    y: Tensor,
+    detector: Any,
+    seed: int,
+) -> bool:
+    """Fit the readout for one image (``clean[0]``) on the first feasible target; False if
+    none is (the readout is then left in place, but that image is not attacked)."""
+    hook.w = None
+    f_clean, logits = _features(dep, hook, clean, seed)
+    hook.label = int(y)
+    hook.other = 1 - hook.label if logits.shape[1] <= 2 else _runner_up(logits[0], y)
+    draws = 1 if len(f_clean) == len(clean) else TARGET_DRAWS
+    closeness = CLOSENESS if draws == 1 else RANDOM_CLOSENESS
+    for j in range(len(targets)):
+        hook.w = None
+        f_target, _ = _features(
+            dep, hook, targets[j : j + 1].expand(draws, *targets.shape[1:]), seed
+        )
+        hook.w, hook.b = _fit(f_clean, f_target, logits, closeness)
+        stays = ~_decide(dep, clean, y.expand(len(clean)), None, seed)
+        if bool(stays.all()) and bool(_decide(dep, targets[j : j + 1], y, detector, seed).all()):
+            return True
+    return False
+
+
 def binarization_test(
     dep: Deployed,
     x: Tensor,
@@ -201,7 +238,8 @@ def binarization_test(
 
     Returns ``n_images``, ``n_tested`` (feasible images attacked), ``n_infeasible``,
     ``pass_rate`` (passes / n_tested; None when nothing was feasible), ``passed`` (per image:
-    True/False, None where infeasible), ``passed_threshold`` and ``settings``.
+    True/False, None where infeasible), ``passed_threshold`` (rate >= PASS_RATE; None when
+    nothing was feasible) and ``settings``.
     ``detector`` defaults to ``dep.detector``.
     """
     if not (0 < eps <= 0.5):
@@ -220,24 +258,7 @@ def binarization_test(
             xi, yi = x[i : i + 1].to(device), y[i : i + 1].to(device)
             clean = torch.cat([xi, _inner(xi, n_inner, eps, gen)])
             targets = _surface(xi, n_boundary, eps, gen)
-            hook.w = None
-            f_clean, logits = _features(dep, hook, clean, seed)
-            hook.label = int(yi)
-            hook.other = 1 - hook.label if logits.shape[1] <= 2 else _runner_up(logits[0], yi)
-            feasible = False
-            draws = 1 if len(f_clean) == len(clean) else TARGET_DRAWS
-            closeness = CLOSENESS if draws == 1 else RANDOM_CLOSENESS
-            for j in range(n_boundary):
-                hook.w = None
-                target = targets[j : j + 1].expand(draws, *targets.shape[1:])
-                f_target, _ = _features(dep, hook, target, seed)
-                hook.w, hook.b = _fit(f_clean, f_target, logits, closeness)
-                stays = ~_decide(dep, clean, yi.expand(len(clean)), None, seed)
-                hits = _decide(dep, targets[j : j + 1], yi, detector, seed)
-                if bool(stays.all()) and bool(hits.all()):
-                    feasible = True
-                    break
-            if not feasible:
+            if not _set_up(dep, hook, clean, targets, yi, detector, seed):
                 passed.append(None)
                 continue
             if dep.reseed is not None:
@@ -253,7 +274,7 @@ def binarization_test(
         "n_tested": len(tested),
         "n_infeasible": len(passed) - len(tested),
         "pass_rate": rate,
-        "passed_threshold": rate is not None and rate >= PASS_RATE,
+        "passed_threshold": None if rate is None else rate >= PASS_RATE,
         "passed": passed,
         "settings": {
             "n_inner": n_inner,
