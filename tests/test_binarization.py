@@ -132,7 +132,9 @@ def test_randomised_vote_defence_medrdf(victim_set) -> None:
         assert dep.attack_view is not None
         obj = Objective(logits_forward(dep.attack_view), [(1.0, margin())], ys)
         eot = EOT(obj, dep.eot, batched=True)
-        return run_attack(dep.pipeline, xs, ys, spec, objective_factory=lambda a, i: eot).x_adv
+        return run_attack(
+            dep.pipeline, xs, ys, spec, objective_factory=lambda a, i: eot, repeats=dep.repeats
+        ).x_adv
 
     res = binarization_test(dep, x[:4], y[:4], EPS, adaptive, n_inner=99)
     assert res["n_tested"] >= 3 and res["pass_rate"] >= 0.95
