@@ -112,10 +112,10 @@ def test_gradient_masking_fails_the_test_and_bpda_through_the_same_head_passes(
         attack_view=Pipeline(model, BPDA(GradientKiller())),
         bpda="quantisation (identity backward)",
     )
-    x, y = x[:10], y[:10]
-    masked = binarization_test(dep, x, y, EPS, plain(dep, STRONG), n_inner=499)
-    adaptive = binarization_test(dep, x, y, EPS, through_view(dep, STRONG), n_inner=499)
-    assert masked["n_tested"] == adaptive["n_tested"] >= 8
+    x, y = x[:8], y[:8]
+    masked = binarization_test(dep, x, y, EPS, plain(dep, STRONG), n_inner=199)
+    adaptive = binarization_test(dep, x, y, EPS, through_view(dep, STRONG), n_inner=199)
+    assert masked["n_tested"] == adaptive["n_tested"] >= 6
     assert masked["pass_rate"] <= 0.2
     assert adaptive["pass_rate"] >= 0.95
 
@@ -126,7 +126,11 @@ def test_randomised_vote_defence_medrdf(victim_set) -> None:
     model, x, y = victim_set
     med = MedRDF(model, seed=0).eval()
     dep = Deployed(med, attack_view=MedRDFAttackView(med), eot=4, repeats=3, reseed=med.reseed)
-    spec = AttackSpec("adaptive-eot-bpda", EPS, steps=20, loss="margin", eot_samples=4)
+    # no early stop: a vote is random, so stopping at the first majority leaves a point that
+    # fools about half of the later votes (measured: 3 of 20 such images lost on re-evaluation)
+    spec = AttackSpec(
+        "adaptive-eot-bpda", EPS, steps=20, loss="margin", eot_samples=4, early_stop=False
+    )
 
     def adaptive(xs: Tensor, ys: Tensor) -> Tensor:
         assert dep.attack_view is not None
