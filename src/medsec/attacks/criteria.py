@@ -16,6 +16,11 @@ from torch import Tensor, nn
 
 from medsec.attacks.losses import as_two_logits
 
+# The attack loop's rule on a randomised pipeline: stop only once this share of repeated
+# calls is fooled (measured on MedRDF: stopping at the bare majority returned points that
+# fooled 49-67% of the votes, and fresh re-evaluation flipped some of them).
+LOOP_QUORUM = 0.8
+
 
 class Flagger(Protocol):
     """Anything with ``flags(x) -> BoolTensor`` (a fitted detector at its fixed threshold)."""
@@ -44,12 +49,14 @@ class Criterion:
         targets: Tensor | None = None,
         detector: Flagger | None = None,
         repeats: int = 1,
+        quorum: float = 0.5,
     ) -> None:
         self.pipeline = pipeline
         self.labels = labels
         self.targets = targets
         self.detector = detector
         self.repeats = max(1, repeats)
+        self.quorum = quorum
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -61,13 +68,14 @@ class Criterion:
     def __call__(self, x: Tensor, idx: Tensor | None = None) -> Tensor:
         """Bool (B,): success of each row of ``x`` (rows are ``idx`` of the full batch).
 
-        With ``repeats`` > 1 (a randomised pipeline) a row succeeds when the majority of that
-        many fresh calls succeed - the rule of the final re-evaluation (:func:`majority`), so
-        the loop never stops on a lucky draw."""
+        With ``repeats`` > 1 (a randomised pipeline) a row succeeds when at least ``quorum``
+        of that many fresh calls succeed: the final re-evaluation's rule is the majority
+        (:func:`majority`); an attack loop asks for more (:data:`LOOP_QUORUM`) so that it
+        does not stop on a point that fools only half of the draws."""
         idx = torch.arange(len(x), device=x.device) if idx is None else idx
         if self.repeats > 1:
             runs = torch.stack([self._once(x, idx) for _ in range(self.repeats)])
-            return runs.float().mean(0) >= 0.5
+            return runs.float().mean(0) >= self.quorum
         return self._once(x, idx)
 
     def _once(self, x: Tensor, idx: Tensor) -> Tensor:

@@ -91,24 +91,21 @@ class _Readout:
 
     def __call__(self, module: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Any:
         feats = inputs[0]
-        if feats.ndim != 2:
-            raise MedsecError(
-                f"binarization test: the last linear layer takes {feats.ndim}-d input; "
-                "only (batch, features) is supported"
-            )
         if self.w is None:
+            if feats.ndim != 2:
+                raise MedsecError(
+                    f"binarization test: the last linear layer takes {feats.ndim}-d input; "
+                    "only (batch, features) is supported"
+                )
             self.records.append((feats.detach(), out.detach()))
             return None
-        r = feats @ self.w.to(feats) + self.b  # > 0: the adversarial side
-        if out.shape[1] == 1:  # one logit for class 1 (as_two_logits lifts it to [0, z])
-            return (r if self.label == 0 else -r)[:, None]
-        cols = torch.arange(out.shape[1], device=r.device)
-        low = (-r.abs() / 2 - 1)[:, None]  # every other class stays below both
-        return torch.where(
-            cols == self.label,
-            -r[:, None] / 2,
-            torch.where(cols == self.other, r[:, None] / 2, low),
-        )
+        # any leading dims (e.g. a detector's Monte-Carlo dropout passes, (T, B, features))
+        r = (feats @ self.w.to(feats) + self.b)[..., None]  # > 0: the adversarial side
+        if out.shape[-1] == 1:  # one logit for class 1 (as_two_logits lifts it to [0, z])
+            return r if self.label == 0 else -r
+        cols = torch.arange(out.shape[-1], device=r.device)
+        low = -r.abs() / 2 - 1  # every other class stays below both
+        return torch.where(cols == self.label, -r / 2, torch.where(cols == self.other, r / 2, low))
 
 
 @contextlib.contextmanager

@@ -333,6 +333,8 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
     by_eps[top] = by_eps[top] + [validity.unconstrained(ctx, name, get(top), x, y)]
     add_indicator_checks(ctx, name, by_eps)
     validity.square(ctx, name, get(top), x, y, results[("adaptive", top)], top)
+    key = {"n_fit": N_FIT, "steps": ctx.profile.detection_steps, "lambdas": LAMBDAS}
+    validity.binarization(ctx, name, get(top), x, y, top, key | {"kappa": KAPPA})
     ctx.add_note(COMMON_NOTE, family=FAMILY)
     ctx.add_note(
         f"{name}: {defence.paper or defence.summary}."

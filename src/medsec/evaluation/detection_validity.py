@@ -10,6 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from medsec.attacks import AttackSpec, Objective, margin
+from medsec.defences.base import Deployed
 from medsec.defences.detection.adaptive import (
     KAPPA,
     LAMBDAS,
@@ -17,7 +18,7 @@ from medsec.defences.detection.adaptive import (
     lambda_ladder_attack,
     runner_up,
 )
-from medsec.evaluation import blackbox
+from medsec.evaluation import attack_tests, blackbox
 from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import StudyContext
 
@@ -95,3 +96,34 @@ def square(
     )
     white_box = np.load(ctx.out / adaptive["adversarial"])["success"][: len(xs)]
     blackbox.square_check(ctx, name, np.asarray(white_box, bool).tolist(), sq, eps)
+
+
+def binarization(
+    ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor, eps: float, key: dict[str, Any]
+) -> None:
+    """The binarization test of the informed attacker (the lambda ladder at the aim) on the
+    victim whose head is replaced by the readout, the detector in the success criterion."""
+    spec = AttackSpec(
+        f"adaptive-{name}",
+        eps,
+        steps=ctx.profile.detection_steps,
+        loss="margin",
+        kappa=KAPPA,
+        targeted=True,
+    )
+
+    def attack(xs: Tensor, ys: Tensor) -> Tensor:
+        return lambda_ladder_attack(
+            ctx.victim,
+            f.detector,
+            xs,
+            ys,
+            spec,
+            f.terms,
+            batch_size=ctx.profile.batch_size,
+            seed=ctx.seed,
+            aim=f.aim,
+        ).x_adv
+
+    dep = Deployed(ctx.victim, detector=f.detector)
+    attack_tests.binarization(ctx, name, dep, (x, y), eps, attack, key)

@@ -31,7 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from medsec.attacks import eval_mode
+from medsec.attacks.criteria import majority
 from medsec.attacks.losses import as_two_logits
+from medsec.attacks.pgd import AttackResult
+from medsec.defences.base import Deployed
 from medsec.evaluation.context import StudyContext
 
 TOLERANCE = 0.05
@@ -244,3 +247,27 @@ def add_checks(
             measured={f"{e * 255:g}": i["measured"] for e, i in applicable},
             expected=worst["expected"],
         )
+
+
+def of_run(
+    ctx: StudyContext, dep: Deployed, x: Tensor, y: Tensor, res: AttackResult, succ: Tensor
+) -> list[dict[str, Any]]:
+    """The indicators of attack failure of one adaptive run (the unconstrained one is run
+    separately, in the diagnostics)."""
+    final = majority(succ)
+    bs = ctx.profile.batch_size
+    view = None
+    if dep.attack_view is not None or dep.eot > 1:
+        seen = dep.attack_view if dep.attack_view is not None else dep.pipeline
+        view = view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs)
+    if dep.reseed is not None:
+        dep.reseed(ctx.seed)
+    spread = objective_spread(dep.pipeline, x, res.x_adv, y, seed=ctx.seed, batch_size=bs)
+    found = [
+        silent_success(res.success, final),
+        incomplete(res.late_gain, final),
+        transfer_failure(view, final),
+        unavailable(res.unavailable_grad),
+        unstable(spread, mitigated=dep.eot > 1 and dep.repeats > 1),
+    ]
+    return [i.record() for i in found]

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from medsec.attacks import (
     EOT,
-    AttackResult,
     AttackSpec,
     Objective,
     logits_forward,
@@ -33,7 +32,7 @@ from medsec.attacks import (
 )
 from medsec.attacks.criteria import majority, success_runs
 from medsec.defences.base import Defence, Deployed
-from medsec.evaluation import blackbox, robust_checks
+from medsec.evaluation import attack_tests, robust_checks
 from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.diagnostics import gradient_stats, margin_objective_factory
@@ -166,7 +165,7 @@ def attack_cell(
             adaptive=adaptive,
         )
         if adaptive:
-            out["indicators"] = _indicators(ctx, dep, x, y, res, succ)
+            out["indicators"] = ind.of_run(ctx, dep, x, y, res, succ)
         if dep.diagnostics is not None:
             out["saturation_clean"] = dep.diagnostics(x.to(ctx.device))
             out["saturation_adversarial"] = dep.diagnostics(res.x_adv.to(ctx.device))
@@ -181,30 +180,6 @@ def attack_cell(
     key = {"defence": name, "what": what, "n": len(x), **spec_key(spec)}
     key.update(train=train_id(dep), eot=dep.eot, repeats=dep.repeats, bpda=dep.bpda)
     return ctx.cell(key, compute)
-
-
-def _indicators(
-    ctx: StudyContext, dep: Deployed, x: Tensor, y: Tensor, res: AttackResult, succ: Tensor
-) -> list[dict[str, Any]]:
-    """The indicators of attack failure of one adaptive run (the unconstrained one is run
-    separately, in the diagnostics)."""
-    final = majority(succ)
-    bs = ctx.profile.batch_size
-    view = None
-    if dep.attack_view is not None or dep.eot > 1:
-        seen = dep.attack_view if dep.attack_view is not None else dep.pipeline
-        view = ind.view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs)
-    if dep.reseed is not None:
-        dep.reseed(ctx.seed)
-    spread = ind.objective_spread(dep.pipeline, x, res.x_adv, y, seed=ctx.seed, batch_size=bs)
-    found = [
-        ind.silent_success(res.success, final),
-        ind.incomplete(res.late_gain, final),
-        ind.transfer_failure(view, final),
-        ind.unavailable(res.unavailable_grad),
-        ind.unstable(spread, mitigated=dep.eot > 1 and dep.repeats > 1),
-    ]
-    return [i.record() for i in found]
 
 
 def reference_cell(ctx: StudyContext, spec: AttackSpec, n: int, what: str) -> dict[str, Any]:
@@ -387,12 +362,25 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
         ),
         lambda d, e, **over: adaptive_spec(d, e, **({"steps": steps} | over)),
     )
-    n_sq = robust_checks.N_DIAG if dep.eot == 1 else robust_checks.N_DIAG // 2
-    eps_sq = found.eps4
-    square = blackbox.square_cell(
-        ctx, name, dep, x[:n_sq], y[:n_sq], eps_sq, {"train": train_id(dep), "eot": dep.eot}
+    spec4 = adaptive_spec(dep, found.eps4, steps)
+
+    def attack(xs: Tensor, ys: Tensor) -> Tensor:
+        return run_attack(
+            dep.pipeline,
+            xs,
+            ys,
+            spec4,
+            objective_factory=_objective_factory(dep),
+            batch_size=ctx.profile.batch_size,
+            seed=ctx.seed,
+            repeats=dep.repeats,
+        ).x_adv
+
+    key = {"train": train_id(dep), "eot": dep.eot, "repeats": dep.repeats, "bpda": dep.bpda}
+    white_box = adaptive[found.eps4]["success"]
+    attack_tests.evidence(
+        ctx, name, dep, (x, y), white_box, found.eps4, attack, key | spec_key(spec4)
     )
-    blackbox.square_check(ctx, name, adaptive[eps_sq]["success"][:n_sq], square, eps_sq)
     robust_checks.fixtures(ctx)
     robust_checks.update_curves_figure(ctx, name, curve, victim_curve)
     return rows
