@@ -126,7 +126,8 @@ def test_incomplete_optimisation_fires_on_an_attack_stopped_early(trained, blob_
 def test_silent_success_and_instability_fire_on_a_random_pipeline(trained, blob_data):
     victim, _ = trained
     x, y = _correct(victim, *_xy(blob_data, 120))
-    noisy = Noisy(victim, 0.3).train(victim.training)  # wrappers keep the victim's mode
+    was = victim.training
+    noisy = Noisy(victim, 0.3).train(was)  # wrappers take the victim's mode
     torch.manual_seed(0)
     res = _margin_attack(noisy, x, y, 1 / 255, steps=10)  # single draws decide in the loop
     runs = torch.stack([Criterion(noisy, y)(res.x_adv) for _ in range(9)])
@@ -144,7 +145,7 @@ def test_silent_success_and_instability_fire_on_a_random_pipeline(trained, blob_
     plain = _margin_attack(victim, x, y, 4 / 255, steps=20)
     assert ind.silent_success(plain.success, Criterion(victim, y)(plain.x_adv)).passed
     assert ind.unstable(ind.objective_spread(victim, x, plain.x_adv, y), mitigated=False).passed
-    assert not victim.training  # the wrappers left the shared victim as they found it
+    assert victim.training == was  # the wrappers left the shared victim as they found it
 
 
 def test_transfer_failure_fires_on_a_surrogate_that_disagrees(trained, blob_data):
