@@ -172,8 +172,10 @@ def test_gradient_killing_layer_is_detected_and_bpda_beats_it(trained, blob_data
 def test_identity_defence_is_beaten(trained, blob_data):
     model, _ = trained
     x, y = _xy(blob_data, 80)
+    was = model.training
     res = run_attack(nn.Sequential(nn.Identity(), model), x, y, preset("cw-linf", 8 / 255))
     assert res.success.float().mean() >= 0.9
+    assert model.training == was  # a wrapper in training mode leaves the shared victim alone
 
 
 def test_restarts_and_steps_change_little_on_trained_model(trained, blob_data):

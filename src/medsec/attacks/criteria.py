@@ -30,13 +30,17 @@ class Flagger(Protocol):
 
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Run the deployed (eval-mode) pipeline, then restore the caller's mode."""
-    was = module.training
+    """Run the deployed (eval-mode) pipeline, then restore every submodule's own mode.
+
+    Per submodule, not ``module.train(was)``: that would push the wrapper's mode into a
+    shared victim inside it (a fresh ``nn.Sequential(..., victim)`` is in training mode)."""
+    was = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was)
+        for m, mode in was:
+            m.training = mode
 
 
 class Criterion:
