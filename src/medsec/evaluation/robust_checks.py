@@ -218,7 +218,7 @@ def diagnostics(
     curve = run(spec_for(dep, TARGET_EPS, restarts=1, early_stop=False), x, y, idx, "diag-curve")
     sweep = {
         f"{s:g}": run(
-            spec_for(dep, TARGET_EPS, restarts=1, step_rule="pgd", restart_step_factors=(s,)),
+            spec_for(dep, TARGET_EPS, restarts=1, restart_step_factors=(s,)),
             x,
             y,
             idx,
@@ -256,8 +256,8 @@ def diagnostics(
     _check(
         ctx,
         f,
-        f"step-size sweep (the attack within {TOLERANCE} of plain PGD at its best fixed step, "
-        "one restart per step factor)",
+        f"step-size sweep (the attack within {TOLERANCE} of its best single step factor, "
+        "one restart each)",
         main_sub >= best - TOLERANCE,
         f"attack {main_sub:.3f}; one restart at step factor "
         + ", ".join(f"{k}: {v:.3f}" for k, v in sweep.items()),
