@@ -35,7 +35,6 @@ from medsec.defences.detection.adaptive import (
     LAMBDAS,
     Hinge,
     detector_hinge,
-    lambda_ladder_attack,
 )
 from medsec.errors import MedsecError
 from medsec.evaluation import detection_validity as validity
@@ -265,26 +264,8 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
 
         def adaptive(eps: float = eps) -> dict[str, Any]:
             f = get(eps)
-            spec = AttackSpec(
-                f"adaptive-{name}",
-                eps,
-                steps=ctx.profile.detection_steps,
-                loss="margin",
-                kappa=KAPPA,
-                targeted=True,
-            )
-            res = lambda_ladder_attack(
-                ctx.victim,
-                f.detector,
-                x,
-                y,
-                spec,
-                f.terms,
-                batch_size=ctx.profile.batch_size,
-                seed=ctx.seed,
-                aim=f.aim,
-                start=_best_plain(ctx, f.detector, y, eps),
-            )
+            start = _best_plain(ctx, f.detector, y, eps)
+            res = validity.informed_attack(ctx, name, f, x, y, eps, start=start)
             ev = evaluate_scores(ctx, f.detector, x, y, res.x_adv)
             ev["indicators"] = validity.indicators(ctx, x, y, res, ev["success"])
             path = ctx.save_adversarial(

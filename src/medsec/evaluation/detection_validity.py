@@ -14,6 +14,7 @@ from medsec.defences.base import Deployed
 from medsec.defences.detection.adaptive import (
     KAPPA,
     LAMBDAS,
+    LadderResult,
     features_forward,
     lambda_ladder_attack,
     runner_up,
@@ -23,6 +24,39 @@ from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import StudyContext
 
 N_UNBOUNDED = 48  # images for the unconstrained (eps = 1) attack and for Square
+
+
+def informed_attack(
+    ctx: StudyContext,
+    name: str,
+    f: Any,
+    x: Tensor,
+    y: Tensor,
+    eps: float,
+    start: tuple[Tensor, Tensor] | None = None,
+) -> LadderResult:
+    """The informed attacker against fitted detector ``f``: the lambda ladder (targeted
+    margin(kappa) + the detector terms) at the attacker's aim, ``start`` = plain results."""
+    spec = AttackSpec(
+        f"adaptive-{name}",
+        eps,
+        steps=ctx.profile.detection_steps,
+        loss="margin",
+        kappa=KAPPA,
+        targeted=True,
+    )
+    return lambda_ladder_attack(
+        ctx.victim,
+        f.detector,
+        x,
+        y,
+        spec,
+        f.terms,
+        batch_size=ctx.profile.batch_size,
+        seed=ctx.seed,
+        aim=f.aim,
+        start=start,
+    )
 
 
 def indicators(
@@ -50,25 +84,7 @@ def unconstrained(ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor) ->
     xs, ys = x[:N_UNBOUNDED], y[:N_UNBOUNDED]
 
     def compute() -> dict[str, Any]:
-        spec = AttackSpec(
-            f"adaptive-{name}",
-            1.0,
-            steps=ctx.profile.detection_steps,
-            loss="margin",
-            kappa=KAPPA,
-            targeted=True,
-        )
-        res = lambda_ladder_attack(
-            ctx.victim,
-            f.detector,
-            xs,
-            ys,
-            spec,
-            f.terms,
-            batch_size=ctx.profile.batch_size,
-            seed=ctx.seed,
-            aim=f.aim,
-        )
+        res = informed_attack(ctx, name, f, xs, ys, 1.0)
         return {"asr": float(res.success.float().mean()), "n": len(xs)}
 
     key = {"defence": name, "what": "adaptive-unbounded", "eps_255": 255, "n": len(xs)}
@@ -103,27 +119,9 @@ def binarization(
 ) -> None:
     """The binarization test of the informed attacker (the lambda ladder at the aim) on the
     victim whose head is replaced by the readout, the detector in the success criterion."""
-    spec = AttackSpec(
-        f"adaptive-{name}",
-        eps,
-        steps=ctx.profile.detection_steps,
-        loss="margin",
-        kappa=KAPPA,
-        targeted=True,
-    )
 
     def attack(xs: Tensor, ys: Tensor) -> Tensor:
-        return lambda_ladder_attack(
-            ctx.victim,
-            f.detector,
-            xs,
-            ys,
-            spec,
-            f.terms,
-            batch_size=ctx.profile.batch_size,
-            seed=ctx.seed,
-            aim=f.aim,
-        ).x_adv
+        return informed_attack(ctx, name, f, xs, ys, eps).x_adv
 
     dep = Deployed(ctx.victim, detector=f.detector)
     attack_tests.binarization(ctx, name, dep, (x, y), eps, attack, key)

@@ -5,7 +5,8 @@
   be the attack's fault (the failed checks are named);
 - broken: at the budget where the defence claims to work (its ``working_eps``; else the
   headline 4/255), the informed attacker's success rate is not significantly below the
-  undefended victim's under the same budget (the defended rate's 95% interval reaches it);
+  undefended victim's under the same budget (the two 95% intervals overlap, both measured
+  on n images);
 - partly robust: significantly below the victim's level there.
 """
 
@@ -61,7 +62,7 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
     if failed:
         label = "inconclusive"
         reason = f"validity checks failed: {'; '.join(failed)}"
-    elif victim is None or (high is not None and high >= victim):
+    elif victim is None or (high is not None and high >= rate_ci(victim, row["n"])[0]):
         label = "broken"
         reason = (
             f"{where} the informed attacker reaches ASR {asr:.3f} [{low:.3f}, {high:.3f}], "
