@@ -30,7 +30,7 @@ from medsec.attacks import BPDA, as_two_logits
 from medsec.data.base import Dataset
 from medsec.defences import BuildEnv, Defence, Deployed, register_defence
 from medsec.defences.robust.common import RobustTrainConfig, fit, train_config, trained
-from medsec.defences.robust.medrdf import MajorityVote, SoftVote
+from medsec.defences.robust.medrdf import MajorityVote, MedRDF, SoftVote
 
 SIGMA = 0.06  # noise level, [0,1] pixel units (see the assumptions)
 NOISE_EPOCHS = 6
@@ -76,9 +76,11 @@ def clopper_pearson_lower(k: Tensor, n: int, alpha: float) -> Tensor:
     return torch.as_tensor(low).nan_to_num(0.0)  # k = 0 -> 0
 
 
-class SmoothedClassifier(nn.Module):
-    """g(x) by Monte Carlo over the base classifier ``base`` (see the module docstring);
-    ``chunk`` caps the noisy images per base forward (memory)."""
+class SmoothedClassifier(MedRDF):
+    """g(x) by Monte Carlo over the base classifier ``base`` (see the module docstring): the
+    noise stream, reseeding and majority vote of MedRDF's noisy-copy vote, without its clamp
+    to [0, 1] (Cohen et al. add the noise as is); ``chunk`` caps the noisy images per base
+    forward (memory)."""
 
     def __init__(
         self,
@@ -88,18 +90,7 @@ class SmoothedClassifier(nn.Module):
         seed: int = 0,
         chunk: int = 512,
     ) -> None:
-        super().__init__()
-        self.base = base
-        self.sigma = sigma
-        self.votes = votes
-        self.chunk = chunk
-        self.vote = MajorityVote()
-        self.generator = torch.Generator()
-        self.reseed(seed)
-
-    def reseed(self, seed: int) -> None:
-        """Restart the noise stream: the same seed gives the same copies and votes."""
-        self.generator.manual_seed(seed)
+        super().__init__(base, sigma, votes, seed, chunk)
 
     def noisy_logits(self, x: Tensor, copies: int) -> Tensor:
         """(copies, B, K) base logits of ``copies`` noisy versions of each image."""
@@ -112,9 +103,6 @@ class SmoothedClassifier(nn.Module):
             logits = as_two_logits(self.base((x.unsqueeze(0) + noise).flatten(0, 1)))
             outs.append(logits.view(n, len(x), -1))
         return torch.cat(outs)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.vote(self.noisy_logits(x, self.votes))
 
     @torch.no_grad()
     def counts(self, x: Tensor, n: int) -> Tensor:
