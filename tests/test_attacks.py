@@ -236,3 +236,30 @@ def test_restart_step_factors_change_the_step_per_restart(trained, blob_data):
     res = run_attack(model, x, y, both)
     assert tiny.success.float().mean() < 0.5 * fgsm.success.float().mean()
     assert torch.equal(res.success, tiny.success | fgsm.success)
+
+
+class _Scripted(nn.Module):
+    """Row r's k-th call is fooled per ``table[r, k]`` (row id in pixel 0); counts calls."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table, self.calls = table, torch.zeros(len(table), dtype=torch.long)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.flatten(1)[:, 0].long()
+        fooled = self.table[rows, self.calls[rows]]
+        self.calls[rows] += 1
+        return torch.stack([(~fooled).float(), fooled.float()], 1)  # label 0 = correct
+
+
+@pytest.mark.parametrize(("repeats", "quorum"), [(5, 0.8), (5, 0.5), (3, 0.8), (4, 0.5)])
+def test_repeated_criterion_skips_only_calls_that_cannot_change_the_decision(repeats, quorum):
+    table = torch.rand(64, repeats, generator=torch.Generator().manual_seed(repeats)) < 0.5
+    table[:8] = False  # rows never fooled: decided as failures after the first hopeless call
+    model = _Scripted(table)
+    x = torch.arange(64, dtype=torch.float32).view(64, 1, 1, 1)
+    got = Criterion(model, torch.zeros(64, dtype=torch.long), repeats=repeats, quorum=quorum)(x)
+    assert torch.equal(got, table.float().mean(1) >= quorum)  # the rule over all calls
+    need = math.ceil(quorum * repeats - 1e-9)
+    assert (model.calls[:8] == repeats - need + 1).all()
+    assert (model.calls <= repeats).all() and model.calls.sum() < 64 * repeats

@@ -77,10 +77,20 @@ class Criterion:
         (:func:`majority`); an attack loop asks for more (:data:`LOOP_QUORUM`) so that it
         does not stop on a point that fools only half of the draws."""
         idx = torch.arange(len(x), device=x.device) if idx is None else idx
-        if self.repeats > 1:
-            runs = torch.stack([self._once(x, idx) for _ in range(self.repeats)])
-            return runs.float().mean(0) >= self.quorum
-        return self._once(x, idx)
+        if self.repeats == 1:
+            return self._once(x, idx)
+        # sequential: a row is drawn again only while the remaining calls can still change
+        # its decision (same rule as all calls, 2-5x fewer calls where most rows fail)
+        need = next(w for w in range(self.repeats + 1) if w / self.repeats >= self.quorum)
+        wins = torch.zeros(len(x), dtype=torch.long, device=x.device)
+        open_ = torch.arange(len(x), device=x.device)
+        for left in range(self.repeats - 1, -1, -1):
+            wins[open_] += self._once(x[open_], idx[open_]).to(wins.device)
+            w = wins[open_]
+            open_ = open_[(w < need) & (w + left >= need)]
+            if len(open_) == 0:
+                break
+        return wins >= need
 
     def _once(self, x: Tensor, idx: Tensor) -> Tensor:
         pred = self.predict(x)
