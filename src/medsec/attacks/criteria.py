@@ -16,10 +16,14 @@ from torch import Tensor, nn
 
 from medsec.attacks.losses import as_two_logits
 
-# The attack loop's rule on a randomised pipeline: stop only once this share of repeated
-# calls is fooled (measured on MedRDF: stopping at the bare majority returned points that
-# fooled 49-67% of the votes, and fresh re-evaluation flipped some of them).
-LOOP_QUORUM = 0.8
+# The attack loop's rule on a randomised pipeline: stop only once LOOP_QUORUM of
+# LOOP_REPEATS fresh calls are fooled. The loop tests every step, so a lax rule stops on a
+# lucky draw (winner's curse), and the final majority re-evaluation then flips the point.
+# Measured on MedRDF (full profile, 100 images): 4 of 5 calls left 16-20% of the loop's
+# successes failing the final majority (silent success); the stricter rule only stops on
+# points that fool >= ~90% of calls, and the sequential test keeps failing rows at 3 calls.
+LOOP_QUORUM = 0.9
+LOOP_REPEATS = 20
 
 
 class Flagger(Protocol):
@@ -101,6 +105,20 @@ class Criterion:
         if self.detector is not None:
             ok = ok & ~self.detector.flags(x).to(ok.device)
         return ok
+
+
+def loop_criterion(
+    pipeline: nn.Module,
+    labels: Tensor,
+    targets: Tensor | None = None,
+    detector: Flagger | None = None,
+    repeats: int = 1,
+) -> Criterion:
+    """The attack loop's Criterion: one call for a deterministic pipeline; for a randomised
+    one (``repeats`` > 1) at least :data:`LOOP_REPEATS` calls with quorum :data:`LOOP_QUORUM`."""
+    if repeats <= 1:
+        return Criterion(pipeline, labels, targets, detector)
+    return Criterion(pipeline, labels, targets, detector, max(repeats, LOOP_REPEATS), LOOP_QUORUM)
 
 
 def success_runs(

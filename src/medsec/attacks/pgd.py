@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from medsec.attacks.criteria import LOOP_QUORUM, Criterion, eval_mode
+from medsec.attacks.criteria import Criterion, eval_mode, loop_criterion
 from medsec.attacks.losses import Objective, create_loss, logits_forward
 from medsec.attacks.steps import APGDStep, PGDStep, StepRule
 from medsec.attacks.transforms import EOT
@@ -312,7 +312,7 @@ def run_attack(
 
     ``objective_factory(labels_or_targets, batch_indices)`` builds a custom (adaptive)
     objective per batch; by default the spec's loss on the pipeline's logits. ``repeats``:
-    success in the loop needs ``LOOP_QUORUM`` of that many calls (randomised pipelines).
+    > 1 marks a randomised pipeline: see :func:`~medsec.attacks.criteria.loop_criterion`.
     """
     if spec.targeted and targets is None:
         raise MedsecError("a targeted attack needs target labels")
@@ -324,7 +324,7 @@ def run_attack(
             xb = x[s : s + batch_size].to(device)
             yb = y[s : s + batch_size].to(device)
             tb = targets[s : s + batch_size].to(device) if targets is not None else None
-            crit = Criterion(pipeline, yb, tb, detector, repeats, LOOP_QUORUM)
+            crit = loop_criterion(pipeline, yb, tb, detector, repeats)
             aim = tb if spec.targeted else yb
             obj = (
                 objective_factory(aim, torch.arange(s, s + len(xb)))
