@@ -19,6 +19,7 @@ from medsec.defences.robust import (
     MedRDF,
     MedRDFAttackView,
     RobustTrainConfig,
+    reinitialised,
     train_dae,
     train_kmm,
     train_pgd_at,
@@ -69,7 +70,7 @@ def _dae(data, victim):
 
 
 def _pgd_at(data, victim):
-    model = copy.deepcopy(victim)
+    model = reinitialised(victim, seed=0)
     return model, model, lambda: train_pgd_at(model, data, FEW, eps=8 / 255, steps=2)
 
 
@@ -161,8 +162,9 @@ def test_kmm_starts_as_the_victim_and_reports_saturation(setup) -> None:
     assert torch.all(m.beta.detach() == 2.0)
 
 
-def test_pgd_at_eps_ramps_up_over_the_training_steps(setup, monkeypatch) -> None:
-    """PGD-AT's eps grows linearly to the training eps over RAMP of the steps it takes."""
+def test_pgd_at_warms_up_clean_then_ramps_eps_over_the_training_steps(setup, monkeypatch):
+    """No attack during the clean warm-up; then eps grows linearly to the training eps over
+    the ramp's steps and stays there."""
     from medsec.defences.robust import pgd_at
     from medsec.defences.robust.common import count_steps, minibatches
 
@@ -175,9 +177,44 @@ def test_pgd_at_eps_ramps_up_over_the_training_steps(setup, monkeypatch) -> None
     monkeypatch.setattr(
         pgd_at,
         "run_attack",
-        lambda m, x, y, spec, **k: seen.append(spec.eps) or real(m, x, y, spec, **k),
+        lambda m, x, y, spec, **k: (
+            (spec.name == "pgd-at-train" and seen.append(spec.eps)) or real(m, x, y, spec, **k)
+        ),
     )
-    rec = train_pgd_at(copy.deepcopy(victim), data, cfg, eps=8 / 255, ramp=0.5)
-    assert len(seen) == taken and rec["eps_ramp_steps"] == round(0.5 * taken)
+    rec = train_pgd_at(reinitialised(victim, 0), data, cfg, eps=8 / 255, warm=0.25, ramp=0.5)
+    warm, ramp = rec["eps_warm_steps"], rec["eps_ramp_steps"]
+    assert (warm, ramp) == (round(0.25 * taken), round(0.5 * taken)) and warm > 0
+    assert len(seen) == taken - warm
     assert seen == sorted(seen) and 0 < seen[0] < seen[-1] == pytest.approx(8 / 255)
-    assert seen[rec["eps_ramp_steps"] - 1] == pytest.approx(8 / 255)
+    assert seen[ramp - 2] < 8 / 255 and seen[ramp - 1] == pytest.approx(8 / 255)
+
+
+def test_pgd_at_starts_from_fresh_weights_and_keeps_its_best_robust_epoch(
+    setup, monkeypatch
+) -> None:
+    """From scratch: new weights (seeded, the victim untouched); the model returned is the
+    epoch whose robust validation accuracy was highest, not the last one."""
+    from medsec.defences.robust import pgd_at
+
+    data, victim, _, _ = setup
+    before = {k: v.clone() for k, v in victim.state_dict().items()}
+    a, b = reinitialised(victim, 1), reinitialised(victim, 1)
+    for k, v in victim.state_dict().items():
+        assert torch.equal(v, before[k])
+        assert torch.equal(a.state_dict()[k], b.state_dict()[k])
+    w = "net.0.weight" if "net.0.weight" in before else next(iter(before))
+    assert not torch.equal(a.state_dict()[w], before[w])
+
+    scores, states = iter([0.2, 0.7, 0.4]), []
+
+    def scripted(model, *_a, **_k):
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(pgd_at, "robust_accuracy", scripted)
+    cfg = RobustTrainConfig(epochs=3, batch_size=64, lr=1e-3, seed=0)
+    rec = train_pgd_at(a, data, cfg, eps=4 / 255, steps=1)
+    assert rec["best_epoch"] == 2 and rec["val_robust_accuracy"] == 0.7
+    assert [h["epoch"] for h in rec["val_robust_history"]] == [1, 2, 3]
+    assert all(torch.equal(v, states[1][k]) for k, v in a.state_dict().items())
+    assert not all(torch.equal(v, states[2][k]) for k, v in a.state_dict().items())

@@ -10,7 +10,7 @@ from medsec.defences.robust.common import RobustTrainConfig
 from medsec.defences.robust.dae import DAEClassifier, DenoisingAutoEncoder, train_dae
 from medsec.defences.robust.kmm import KernelMapping, KMMNet, train_kmm
 from medsec.defences.robust.medrdf import MajorityVote, MedRDF, MedRDFAttackView, SoftVote
-from medsec.defences.robust.pgd_at import train_pgd_at
+from medsec.defences.robust.pgd_at import reinitialised, train_pgd_at
 from medsec.defences.robust.ssat import train_ssat
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "MedRDFAttackView",
     "RobustTrainConfig",
     "SoftVote",
+    "reinitialised",
     "train_dae",
     "train_kmm",
     "train_pgd_at",

@@ -70,8 +70,10 @@ def fit(
     params: list[nn.Parameter] | None = None,
     x: Tensor | None = None,
     y: Tensor | None = None,
+    epoch_end: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Adam on ``loss_fn(step, xb, yb)`` over the training split (or the given ``x, y``).
+    """Adam on ``loss_fn(step, xb, yb)`` over the training split (or the given ``x, y``);
+    ``epoch_end(epoch)`` after each full epoch (1-based).
 
     Returns the training record: losses, steps, seconds, validation accuracy at the end.
     """
@@ -81,14 +83,17 @@ def fit(
     opt = torch.optim.Adam(params if params is not None else model.parameters(), lr=cfg.lr)
     start = time.perf_counter()
     losses: list[float] = []
+    per_epoch = len(range(0, len(x) - 1, cfg.batch_size))
     model.train()
     for step, xb, yb in minibatches(x, y, cfg):
         loss = loss_fn(step, xb.to(device), yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        model.train()  # an attack inside loss_fn may have switched to eval mode
         losses.append(float(loss.detach()))
+        if epoch_end is not None and (step + 1) % per_epoch == 0:
+            epoch_end((step + 1) // per_epoch)
+        model.train()  # an attack inside loss_fn or epoch_end may have switched to eval mode
     model.eval()
     val = evaluate(model, data.val, device)
     return {
