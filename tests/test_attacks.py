@@ -263,3 +263,16 @@ def test_repeated_criterion_skips_only_calls_that_cannot_change_the_decision(rep
     need = math.ceil(quorum * repeats - 1e-9)
     assert (model.calls[:8] == repeats - need + 1).all()
     assert (model.calls <= repeats).all() and model.calls.sum() < 64 * repeats
+
+
+def test_screened_criterion_needs_the_first_call_and_spends_one_call_on_a_correct_row():
+    """The attack loop's rule: the first call fooled AND the quorum over all calls; a row
+    the first call gets right is never called again."""
+    table = torch.rand(64, 20, generator=torch.Generator().manual_seed(3)) < 0.85
+    table[:8, 0] = False  # screened out although most of their calls are fooled
+    model = _Scripted(table)
+    x = torch.arange(64, dtype=torch.float32).view(64, 1, 1, 1)
+    crit = Criterion(model, torch.zeros(64, dtype=torch.long), repeats=20, quorum=0.9, screen=True)
+    got = crit(x)
+    assert torch.equal(got, table[:, 0] & (table.float().mean(1) >= 0.9))
+    assert (model.calls[:8] == 1).all() and got[8:].any()

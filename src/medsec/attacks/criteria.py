@@ -58,6 +58,7 @@ class Criterion:
         detector: Flagger | None = None,
         repeats: int = 1,
         quorum: float = 0.5,
+        screen: bool = False,
     ) -> None:
         self.pipeline = pipeline
         self.labels = labels
@@ -65,6 +66,7 @@ class Criterion:
         self.detector = detector
         self.repeats = max(1, repeats)
         self.quorum = quorum
+        self.screen = screen
 
     @torch.no_grad()
     def predict(self, x: Tensor) -> Tensor:
@@ -79,7 +81,9 @@ class Criterion:
         With ``repeats`` > 1 (a randomised pipeline) a row succeeds when at least ``quorum``
         of that many fresh calls succeed: the final re-evaluation's rule is the majority
         (:func:`majority`); an attack loop asks for more (:data:`LOOP_QUORUM`) so that it
-        does not stop on a point that fools only half of the draws."""
+        does not stop on a point that fools only half of the draws. With ``screen`` the
+        first call must succeed too (a stricter rule: a row the pipeline still gets right
+        costs one call, not the several a lone quorum needs to rule it out)."""
         idx = torch.arange(len(x), device=x.device) if idx is None else idx
         if self.repeats == 1:
             return self._once(x, idx)
@@ -88,10 +92,13 @@ class Criterion:
         need = next(w for w in range(self.repeats + 1) if w / self.repeats >= self.quorum)
         wins = torch.zeros(len(x), dtype=torch.long, device=x.device)
         open_ = torch.arange(len(x), device=x.device)
-        for left in range(self.repeats - 1, -1, -1):
+        for call in range(self.repeats):
             wins[open_] += self._once(x[open_], idx[open_]).to(wins.device)
-            w = wins[open_]
-            open_ = open_[(w < need) & (w + left >= need)]
+            w, left = wins[open_], self.repeats - call - 1
+            alive = (w < need) & (w + left >= need)
+            if self.screen and call == 0:
+                alive &= w > 0
+            open_ = open_[alive]
             if len(open_) == 0:
                 break
         return wins >= need
@@ -115,10 +122,13 @@ def loop_criterion(
     repeats: int = 1,
 ) -> Criterion:
     """The attack loop's Criterion: one call for a deterministic pipeline; for a randomised
-    one (``repeats`` > 1) at least :data:`LOOP_REPEATS` calls with quorum :data:`LOOP_QUORUM`."""
+    one (``repeats`` > 1) at least :data:`LOOP_REPEATS` calls with quorum :data:`LOOP_QUORUM`,
+    the first call screening (measured on MedRDF: the criterion was 75% of the attack's time
+    at 3 calls per failing row, 1 with the screen)."""
     if repeats <= 1:
         return Criterion(pipeline, labels, targets, detector)
-    return Criterion(pipeline, labels, targets, detector, max(repeats, LOOP_REPEATS), LOOP_QUORUM)
+    n = max(repeats, LOOP_REPEATS)
+    return Criterion(pipeline, labels, targets, detector, n, LOOP_QUORUM, screen=True)
 
 
 def success_runs(

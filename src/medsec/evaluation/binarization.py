@@ -39,7 +39,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from torch import Tensor, nn
 
-from medsec.attacks.criteria import eval_mode, majority, success_runs
+from medsec.attacks.criteria import Criterion, eval_mode
 from medsec.defences.base import Deployed
 from medsec.errors import MedsecError
 
@@ -182,11 +182,18 @@ def _fit(clean: Tensor, target: Tensor, logits: Tensor, closeness: float) -> tup
 
 
 def _decide(dep: Deployed, x: Tensor, y: Tensor, detector: Any, seed: int) -> Tensor:
-    """Per-row success by the one Criterion (majority of repeats for random pipelines)."""
-    runs = success_runs(
-        dep.pipeline, x, y, detector=detector, repeats=dep.repeats, reseed=dep.reseed, seed=seed
-    )
-    return majority(runs)
+    """Per-row success by the one Criterion: for random pipelines the majority of
+    ``dep.repeats`` calls, drawn sequentially (a row is called again only while its majority
+    is open: 3 calls instead of 5 for MedRDF's clean inner points)."""
+    if dep.reseed is not None:
+        dep.reseed(seed)
+    out = [
+        Criterion(dep.pipeline, y[s : s + 250], detector=detector, repeats=dep.repeats)(
+            x[s : s + 250]
+        ).cpu()
+        for s in range(0, len(x), 250)
+    ]
+    return torch.cat(out)
 
 
 def _set_up(
