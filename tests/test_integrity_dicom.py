@@ -81,6 +81,8 @@ REAL_FILES = [
     "MR_small_implicit.dcm",  # implicit VR
     "MR_small_bigendian.dcm",  # explicit VR big endian (OW byte-swapped for the MAC)
     "JPEG2000.dcm",  # encapsulated pixel data and nested sequences
+    "MR_small_jp2klossless.dcm",  # GDCM wrote its encapsulated pixel data as OW (not OB)
+    "MR_small_jpeg_ls_lossless.dcm",  # the same, JPEG-LS
     "SC_rgb.dcm",
     "rtplan.dcm",  # deep sequences, no pixel data
 ]

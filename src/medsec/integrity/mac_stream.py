@@ -277,8 +277,8 @@ class MacStreamWriter:
         if isinstance(value, list | tuple):  # a multi-valued OB/OW list from user code
             value = b"".join(value)
         assert isinstance(value, bytes | bytearray | memoryview)
-        if undefined_length:
-            self._emit(_header(tag, vr, None))
+        if undefined_length:  # encapsulated pixel data is OB (PS3.5 A.4), as DCMTK writes it
+            self._emit(_header(tag, "OB", None))
             for frag in _fragments(value):
                 self._emit(ITEM_TAG)
                 self._emit(frag)
