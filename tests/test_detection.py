@@ -226,3 +226,28 @@ def test_supervised_detector_fits_flags_and_gives_the_attacker_gradients(
     value = sum(w * t(out, target, True) for w, t in weighted).sum()
     (grad,) = torch.autograd.grad(value, xa)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_kd_bu_flags_are_a_function_of_the_image_not_of_its_batch(
+    attack_set: tuple, fit_data: FitData
+) -> None:
+    """The deployed BU (and so score and flag) of an image is the same alone, in any batch
+    order and in any batch size; the attacker's EOT score still draws fresh masks."""
+    _, victim, x, y = attack_set
+    fd = fit_data
+    det = KDBUDetector(victim)
+    det.fit(torch.cat([fd.x_ref, fd.x_fit]), torch.cat([fd.y_ref, fd.y_ref[:0]]), fd.x_adv)
+    det.set_threshold(fd.x_val)
+    adv = run_attack(victim, x, y, preset("pgd-20", 2 / 255, early_stop=False)).x_adv
+    pool = torch.cat([x[:20], adv[:20]])
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(1))
+    batch = det.score_samples(pool)
+    shuffled = torch.empty_like(batch)
+    shuffled[order] = det.score_samples(pool[order])
+    alone = torch.cat([det.score_samples(pool[i : i + 1]) for i in range(len(pool))])
+    assert torch.allclose(batch, shuffled, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(batch, alone, rtol=1e-5, atol=1e-5)
+    assert torch.equal(det.flags(pool)[order], det.flags(pool[order]))
+    _, feats = det.extract(pool[:4])
+    pen = feats["penultimate"]
+    assert not torch.equal(det.bu(pen, fresh=True), det.bu(pen, fresh=True))
