@@ -174,6 +174,9 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
         assert any("probe on" in t for t in notes) and any("Assumed:" in t for t in notes)
     medrdf = [r for r in m["rows"] if r["defence"] == "medrdf" and r["adaptive"]]
     assert all(r["eot_samples"] == 10 and r["repeats"] == 5 for r in medrdf)
+    for name in ("dae", "medrdf"):  # transfer attacks crafted to completion, as the papers did
+        paper = [r for r in m["rows"] if r["defence"] == name and not r["adaptive"]]
+        assert paper and all(r["settings"]["early_stop"] is False for r in paper), name
     transfer = {c["defence"] for c in m["checks"] if c["name"].endswith("transfer failure")}
     assert "medrdf" in transfer  # attacked through a view other than the pipeline
     assert any(c["name"].startswith("fixture:") for c in m["checks"])
