@@ -198,6 +198,8 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
             assert r["reached_aim"] <= r["n"] and r["attacker_aim"] <= r["threshold"]
         elif r["defence"] != "li-zhu-mgm":  # supervised: refitted per attack as in Ma et al.
             assert 0 <= r["detection_auc_per_attack_fit"] <= 1
+            pairs = r["detector_fit"]["fit_pairs"]  # successful pairs only, per attack
+            assert set(pairs) == {"fgsm", "bim", "pgd-20", "cw-linf"} and sum(pairs.values()) > 0
         else:  # unsupervised: nothing to refit
             assert r["detection_auc_per_attack_fit"] is None
     adaptive = {r["defence"]: r for r in rows if r["adaptive"]}
@@ -236,3 +238,23 @@ def test_progress_headline_of_a_cell():
     assert _headline({"asr": 0.25, "seconds": 1.0}) == "ASR 0.250, "
     assert _headline({"accuracy": 0.9}) == "accuracy 0.900, "
     assert _headline([1, 2]) == "" and _headline({"x": 1}) == ""
+
+
+def test_supervised_detectors_fit_only_successful_pairs_of_correct_images():
+    """Ma et al.'s fit set: a pair counts when the clean image is classified correctly and
+    its adversarial version is misclassified (failed attacks and wrong images dropped)."""
+    from types import SimpleNamespace
+
+    from medsec.evaluation.detection import _successful_pairs
+
+    class Bright(torch.nn.Module):  # class 1 iff mean pixel > 0.5
+        def forward(self, x):
+            m = x.flatten(1).mean(1)
+            return torch.stack([0.5 - m, m - 0.5], 1)
+
+    ctx = SimpleNamespace(victim=Bright(), device=torch.device("cpu"), profile=TINY)
+    y = torch.tensor([1, 1, 0, 0, 1])
+    x = torch.tensor([0.9, 0.9, 0.1, 0.9, 0.2]).view(5, 1, 1, 1)  # rows 3, 4 already wrong
+    adv = torch.tensor([0.1, 0.8, 0.9, 0.1, 0.9]).view(5, 1, 1, 1)  # row 1: attack failed
+    keep = _successful_pairs(ctx, x, y, adv)
+    assert keep.tolist() == [True, False, True, False, False]

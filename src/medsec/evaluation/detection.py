@@ -58,6 +58,7 @@ class Fitted:
     aim: float
     fit: FitData
     y_fit: Tensor  # labels of the clean fit images
+    attack_of: Tensor | None = None  # per adversarial fit image: index into ATTACKS
 
 
 def eps_values(ctx: StudyContext) -> list[float]:
@@ -76,13 +77,18 @@ def _quarter(i: int, n: int) -> Tensor:
     return torch.arange(n).chunk(len(ATTACKS))[i]
 
 
-def _fit_data(ctx: StudyContext, eps: float, supervised: bool) -> FitData:
-    """Reference / fit split of the training images; adversarial fit images if supervised."""
+def _fit_data(
+    ctx: StudyContext, eps: float, supervised: bool
+) -> tuple[FitData, Tensor, Tensor | None]:
+    """Reference / fit split of the training images: (fit data, clean fit labels, attack of
+    each adversarial fit image). A supervised detector gets, as Ma et al. fit theirs, only
+    the pairs whose clean image the victim classifies correctly and whose adversarial
+    version (a quarter each from ``ATTACKS``) it misclassifies."""
     x = torch.from_numpy(ctx.data.train.images)
     y = torch.from_numpy(ctx.data.train.labels)
     n_fit = min(N_FIT, len(x) // 4)
     x_fit, y_fit = x[-n_fit:], y[-n_fit:]
-    x_adv = None
+    x_adv, attack_of = None, None
     if supervised:
 
         def make() -> dict[str, Tensor]:
@@ -102,8 +108,27 @@ def _fit_data(ctx: StudyContext, eps: float, supervised: bool) -> FitData:
             return {"x_adv": torch.cat(parts)}
 
         x_adv = ctx.store.tensors(f"detection/fit-adv-eps{e255(eps)}", make)["x_adv"]
+        keep = _successful_pairs(ctx, x_fit, y_fit, x_adv)
+        attack_of = torch.cat(
+            [torch.full((len(_quarter(i, n_fit)),), i) for i in range(len(ATTACKS))]
+        )[keep]
+        x_fit, y_fit, x_adv = x_fit[keep], y_fit[keep], x_adv[keep]
     val = torch.from_numpy(ctx.data.val.images)
-    return FitData(x[:-n_fit], y[:-n_fit], x_fit, x_adv, val, ctx.seed, ctx.device)
+    fit = FitData(x[:-n_fit], y[:-n_fit], x_fit, x_adv, val, ctx.seed, ctx.device)
+    return fit, y_fit, attack_of
+
+
+def _successful_pairs(ctx: StudyContext, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
+    """Bool per pair: the victim gets ``x`` right and the one Criterion calls ``x_adv`` a
+    success (a failed attack or an already-misclassified image is no adversarial example)."""
+    keep = []
+    bs = ctx.profile.batch_size
+    for s in range(0, len(x), bs):
+        yb = y[s : s + bs].to(ctx.device)
+        crit = Criterion(ctx.victim, yb)
+        right = crit.predict(x[s : s + bs].to(ctx.device)) == yb
+        keep.append((right & crit(x_adv[s : s + bs].to(ctx.device))).cpu())
+    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
 
 
 def fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
@@ -123,10 +148,12 @@ def _fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
     det = dep.detector
     if det is None:
         raise MedsecError(f"{defence.name}: a detection defence must deploy a detector")
-    fit = _fit_data(ctx, eps, bool(getattr(det, "supervised", False)))
+    fit, y_fit, attack_of = _fit_data(ctx, eps, bool(getattr(det, "supervised", False)))
     x_all = torch.cat([fit.x_ref, fit.x_fit])
-    y_all = torch.cat([fit.y_ref, torch.from_numpy(ctx.data.train.labels)[-len(fit.x_fit) :]])
+    y_all = torch.cat([fit.y_ref, y_fit])
     info = det.fit(x_all, y_all, fit.x_adv) or {}
+    if attack_of is not None:
+        info["fit_pairs"] = {a: int((attack_of == i).sum()) for i, a in enumerate(ATTACKS)}
     det.set_threshold(fit.x_val)
     if dep.attack_terms is not None:
         terms, desc = dep.attack_terms(det, fit)
@@ -137,15 +164,17 @@ def _fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
         terms, desc = [], "none declared and the score is not differentiable: plain margin"
     clean_val = det.score_samples(fit.x_val).numpy()
     aim = float(np.quantile(clean_val, AIM_QUANTILE))
-    return Fitted(det, info, terms, desc, aim, fit, y_all[len(fit.x_ref) :])
+    return Fitted(det, info, terms, desc, aim, fit, y_fit, attack_of)
 
 
 def refit_on_attack(f: Fitted, i: int) -> Any:
-    """Ma et al.'s protocol: a copy of the detector refitted on ONE attack's quarter of the
-    fit set (the deployed detector is untouched); None for unsupervised detectors."""
-    if f.fit.x_adv is None:
+    """Ma et al.'s protocol: a copy of the detector refitted on ONE attack's successful
+    pairs of the fit set (the deployed detector is untouched); None for unsupervised ones."""
+    if f.fit.x_adv is None or f.attack_of is None:
         return None
-    q = _quarter(i, len(f.fit.x_fit))
+    q = f.attack_of == i
+    if not bool(q.any()):
+        raise MedsecError(f"{ATTACKS[i]} fooled the victim on no fit image: nothing to fit")
     other = copy.copy(f.detector)
     x_clean = torch.cat([f.fit.x_ref, f.fit.x_fit[q]])
     other.fit(x_clean, torch.cat([f.fit.y_ref, f.y_fit[q]]), f.fit.x_adv[q])

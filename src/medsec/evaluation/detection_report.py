@@ -21,7 +21,9 @@ TARGET_ASR = 0.9
 COMMON_NOTE = (
     "Detection study: supervised detectors are fitted per eps on the last "
     f"{N_FIT} training images (clean) and their adversarial versions (a quarter each from "
-    "FGSM, BIM, PGD-20, CW-L-inf at that eps, no early stop); densities/references use the "
+    "FGSM, BIM, PGD-20, CW-L-inf at that eps, no early stop), keeping as Ma et al. only the "
+    "pairs whose clean image the victim classifies correctly and whose adversarial version "
+    "fools it (the fit_pairs of each detector's record); densities/references use the "
     "other training images; every threshold is fixed at 5% FPR on clean validation images. "
     "Non-adaptive attacks run to the end (as in the papers). Adaptive = per example the "
     "plain attacks' joint successes (lambda 0), then targeted margin(kappa) + lambda x "
