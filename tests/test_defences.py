@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from medsec.cli import main
-from medsec.defences import Deployed, list_defences
+from medsec.defences import Deployed, get_defence, list_defences
 from medsec.evaluation.probe import adapt, probe
 from test_study import run_tiny_study, write_blob_folder
 
@@ -152,7 +152,8 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
     m = json.loads((study / "metrics.json").read_text())
     for name in names:
         rows = [r for r in m["rows"] if r["defence"] == name]
-        assert {r["eps_255"] for r in rows if r["adaptive"]} == {2.0, 8.0}, name
+        grid = {2.0, 8.0, round(get_defence(name).working_eps * 255, 4)}
+        assert {r["eps_255"] for r in rows if r["adaptive"]} == grid, name
         assert any(not r["adaptive"] for r in rows), name
         assert all(0 <= r["attack_success_rate"] <= 1 for r in rows)
         checks = {c["name"].removeprefix(f"{name}: "): c for c in m["checks"]}
@@ -174,6 +175,18 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
         assert any("probe on" in t for t in notes) and any("Assumed:" in t for t in notes)
     medrdf = [r for r in m["rows"] if r["defence"] == "medrdf" and r["adaptive"]]
     assert all(r["eot_samples"] == 10 and r["repeats"] == 5 for r in medrdf)
+    heads = {h["defence"]: h for h in m["headline"]}
+    for name in names:  # the same-eps record at the working budget, five ASRs with intervals
+        h, d = heads[name], get_defence(name)
+        assert h["eps"] == pytest.approx(d.working_eps) and "paper" in h["budget"], name
+        for k in ("undefended", "paper_attack", "whitebox", "adaptive", "square"):
+            lo, hi = h[f"{k}_ci"]
+            assert 0 <= lo <= h[f"{k}_asr"] <= hi <= 1 and h[f"{k}_n"] > 0, (name, k)
+        v = next(v for v in m["verdicts"] if v["defence"] == name)
+        assert h["verdict"] == v["label"] and v["eps_255"] == h["eps_255"], name
+        assert {r["eps_255"] for r in m["rows"] if r["defence"] == name and r["adaptive"]} >= {
+            h["eps_255"]
+        }
     for name in ("dae", "medrdf"):  # transfer attacks crafted to completion, as the papers did
         paper = [r for r in m["rows"] if r["defence"] == name and not r["adaptive"]]
         assert paper and all(r["settings"]["early_stop"] is False for r in paper), name

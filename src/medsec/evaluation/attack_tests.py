@@ -31,10 +31,11 @@ def evidence(
     eps: float,
     attack: Attack,
     key: dict[str, Any],
-) -> None:
+) -> dict[str, Any]:
     """Square, binarization and (if ``dep.certify``) certificate checks at ``eps``;
     ``white_box`` is the adaptive attack's per-image success on ``attacked`` images, and
-    ``attack(x, y) -> x_adv`` the adaptive attack itself; ``key`` identifies the defence."""
+    ``attack(x, y) -> x_adv`` the adaptive attack itself; ``key`` identifies the defence.
+    Returns the Square cell (its ``asr`` and per-image ``success``)."""
     x, y = attacked
     randomised = dep.repeats > 1
     n_sq = N_SQUARE // 2 if randomised else N_SQUARE
@@ -44,6 +45,7 @@ def evidence(
     binarization(ctx, name, dep, (x, y), eps, attack, key)
     if dep.certify is not None:
         _certificate(ctx, name, dep, x, y, key)
+    return square
 
 
 def binarization(

@@ -203,6 +203,7 @@ class StudyContext:
     checks: list[Check] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
+    headlines: list[dict[str, Any]] = field(default_factory=list)  # one per judged defence
 
     # ---- resumable cells -------------------------------------------------------------
     def cell(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -384,3 +385,9 @@ class StudyContext:
         note = Note(text, family, defence)
         if note not in self.notes:
             self.notes.append(note)
+
+    def add_headline(self, record: dict[str, Any]) -> None:
+        """The same-eps record of a defence at its working budget (evaluation/headline.py);
+        a rerun of the defence replaces its record."""
+        self.headlines[:] = [h for h in self.headlines if h["defence"] != record["defence"]]
+        self.headlines.append(record)

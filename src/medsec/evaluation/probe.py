@@ -11,12 +11,14 @@ Adaptations apply only where the defence declared none (its own attack view, EOT
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from medsec.attacks import BPDA, eval_mode
 from medsec.defences.base import Deployed, Pipeline
+from medsec.evaluation.context import StudyContext
 
 N_PROBE = 16
 
@@ -95,3 +97,33 @@ def adapt(dep: Deployed, found: Probe, eot: int, repeats: int) -> tuple[Deployed
             "preprocess or attack view is declared, so a gradient attack cannot be trusted"
         )
     return dep, done
+
+
+def probe_and_adapt(
+    ctx: StudyContext, name: str, dep: Deployed, x: Tensor, eot: int, repeats: int
+) -> tuple[Deployed, dict[str, Any]]:
+    """Probe the pipeline, adapt the attack where the defence declared nothing (``eot``
+    samples, ``repeats`` evaluations), note it in the robustification section."""
+    found = probe(dep, x.to(ctx.device))
+    declared = (
+        f" The defence declares its own attack view ({dep.bpda}; EOT {dep.eot})."
+        if dep.attack_view is not None
+        else ""
+    )
+    dep, done = adapt(dep, found, eot, repeats)
+    ctx.add_note(
+        f"{name}: probe on {found.n} images - input-gradient zero fraction "
+        f"{found.zero_grad_fraction:.2f}, non-finite {found.nonfinite_grad_fraction:.2f}"
+        + (
+            ""
+            if found.preprocess_zero_grad_fraction is None
+            else f", through the preprocess zero {found.preprocess_zero_grad_fraction:.2f}"
+        )
+        + f"; randomised: {'yes' if found.randomised else 'no'}. Adaptations applied: "
+        + ("; ".join(done) if done else "none needed")
+        + "."
+        + declared,
+        family="robustification",
+        defence=name,
+    )
+    return dep, {"probe": found.record(), "adaptations": done}

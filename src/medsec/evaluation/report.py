@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medsec.defences.base import FAMILIES
+from medsec.evaluation import headline
 from medsec.evaluation.context import EPS_UNIT, StudyContext
 from medsec.evaluation.render import Block, render_html, render_markdown
 from medsec.evaluation.verdict import verdict, verdicts
@@ -282,6 +283,7 @@ def build_blocks(
     blocks: list[Block] = [
         ("h1", "medsec study report"),
         ("p", " ".join(_summary(ctx, rows))),
+        *headline.blocks(headline.with_verdicts(ctx.headlines, rows, ctx.checks)),
         *_headline_blocks(ctx, rows),
         ("h2", "Setup"),
         (
@@ -367,6 +369,7 @@ def write_report(ctx: StudyContext, rows: list[dict[str, Any]], record: dict[str
         "rows": rows,
         "checks": [asdict(c) for c in ctx.checks],
         "verdicts": [asdict(v) for v in verdicts(rows, ctx.checks)],
+        "headline": headline.with_verdicts(ctx.headlines, rows, ctx.checks),
         "figures": [asdict(f) for f in ctx.figures],
         "notes": [asdict(n) for n in ctx.notes],
         **record,

@@ -3,10 +3,10 @@
 
 - inconclusive: a validity check of the defence failed, so a low attack success rate may
   be the attack's fault (the failed checks are named);
-- broken: at the budget where the defence claims to work (its ``working_eps``; else the
-  headline 4/255), the informed attacker's success rate is not significantly below the
-  undefended victim's under the same budget (the two 95% intervals overlap, both measured
-  on n images);
+- broken: at the budget where the defence works (its headline record's eps: the declared
+  ``working_eps``, else where its non-adaptive gain is largest; else 4/255), the informed
+  attacker's success rate is not significantly below the undefended victim's under the
+  same budget (the two 95% intervals overlap, both measured on n images);
 - partly robust: significantly below the victim's level there.
 """
 
@@ -48,7 +48,7 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
     own = [r for r in rows if r["defence"] == name and r["adaptive"] and r["family"] in JUDGED]
     if not own:
         return None
-    working = own[0].get("working_eps")
+    working = own[0].get("headline_eps") or own[0].get("working_eps")
     target = working * 255 if working else DEFAULT_EPS_255
     eps = min({r["eps_255"] for r in own}, key=lambda e: abs(e - target))
     row = max((r for r in own if r["eps_255"] == eps), key=lambda r: r["attack_success_rate"])
@@ -57,7 +57,7 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
     victim = _victim_asr(rows, row)
     failed = [c.name for c in checks if c.defence == name and c.kind == "validity" and not c.passed]
     where = f"at {eps:g}/255" + (
-        " (its working budget)" if working else " (no working budget declared)"
+        " (its working budget)" if working else " (no working budget: the headline eps)"
     )
     if failed:
         label = "inconclusive"
