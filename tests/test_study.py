@@ -11,6 +11,7 @@ import torch
 from medsec.cli import main
 from medsec.evaluation import study
 from medsec.evaluation.context import PROFILES
+from medsec.evaluation.headline import RATES
 
 TINY = PROFILES["tiny"]
 ROW_KEYS = {
@@ -191,7 +192,8 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     assert {(r["defence"], r["adaptive"]) for r in rows} == {
         (d, a) for d in names for a in (False, True)
     }
-    assert {r["eps_255"] for r in rows} == {2.0}  # the profile's only eps in {1, 2, 4}/255
+    # the profile's only eps in {1, 2, 4}/255, and the detectors' working budget (1/255)
+    assert {r["eps_255"] for r in rows} == {1.0, 2.0}
     for r in rows:
         assert 0 <= r["attack_success_rate"] <= 1 and r["clean_fpr"] <= 0.2
         if r["adaptive"]:
@@ -218,6 +220,11 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
             assert found[f"indicator: {indicator}"]["kind"] == "validity", (d, indicator)
         assert "indicator: transfer failure" not in found  # no view: not applicable, no check
         assert any(v["defence"] == d for v in m["verdicts"])
+        h = next(h for h in m["headline"] if h["defence"] == d)  # the same-eps record
+        assert h["eps_255"] == 1.0 and h["whitebox_asr"] == h["paper_attack_asr"]
+        assert all(h[f"{k}_n"] > 0 and h[f"{k}_ci"][0] <= h[f"{k}_asr"] for k in RATES)
+        verdict = next(v for v in m["verdicts"] if v["defence"] == d)
+        assert verdict["eps_255"] == 1.0 and verdict["victim_asr"] == h["undefended_asr"]
     md = (out / "report.md").read_text()
     assert "Validity panel:" in md and "Verdict: **" in md
     assert "one detector refitted per attack" in md

@@ -95,9 +95,10 @@ def unconstrained(ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor) ->
 
 def square(
     ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor, adaptive: Any, eps: float
-) -> None:
+) -> dict[str, Any]:
     """Square with the informed attacker's objective (targeted margin + the detector terms)
-    against the victim AND the detector, vs the white-box result on the same images."""
+    against the victim AND the detector, vs the white-box result on the same images; returns
+    the Square cell."""
     xs, ys = x[:N_UNBOUNDED], y[:N_UNBOUNDED]
     targets = runner_up(ctx.victim, xs, ctx.profile.batch_size).to(ctx.device)
     weighted = [(1.0, margin(KAPPA)), *f.terms]
@@ -112,6 +113,7 @@ def square(
     )
     white_box = np.load(ctx.out / adaptive["adversarial"])["success"][: len(xs)]
     blackbox.square_check(ctx, name, np.asarray(white_box, bool).tolist(), sq, eps)
+    return sq
 
 
 def binarization(
