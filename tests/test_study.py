@@ -192,8 +192,8 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
     assert {(r["defence"], r["adaptive"]) for r in rows} == {
         (d, a) for d in names for a in (False, True)
     }
-    # the profile's only eps in {1, 2, 4}/255, and the detectors' working budget (1/255)
-    assert {r["eps_255"] for r in rows} == {1.0, 2.0}
+    # the profile's only eps in {1, 2, 4}/255 (the papers' 1/255 is below the tiny grid)
+    assert {r["eps_255"] for r in rows} == {2.0}
     for r in rows:
         assert 0 <= r["attack_success_rate"] <= 1 and r["clean_fpr"] <= 0.2
         if r["adaptive"]:
@@ -221,10 +221,11 @@ def test_detection_entries_end_to_end(finished, tmp_path, capsys):
         assert "indicator: transfer failure" not in found  # no view: not applicable, no check
         assert any(v["defence"] == d for v in m["verdicts"])
         h = next(h for h in m["headline"] if h["defence"] == d)  # the same-eps record
-        assert h["eps_255"] == 1.0 and h["whitebox_asr"] == h["paper_attack_asr"]
+        assert h["eps_255"] == 2.0 and "below this profile's grid" in h["budget"]
+        assert h["whitebox_asr"] == h["paper_attack_asr"]
         assert all(h[f"{k}_n"] > 0 and h[f"{k}_ci"][0] <= h[f"{k}_asr"] for k in RATES)
         verdict = next(v for v in m["verdicts"] if v["defence"] == d)
-        assert verdict["eps_255"] == 1.0 and verdict["victim_asr"] == h["undefended_asr"]
+        assert verdict["eps_255"] == 2.0 and verdict["victim_asr"] == h["undefended_asr"]
     md = (out / "report.md").read_text()
     assert "Validity panel:" in md and "Verdict: **" in md
     assert "one detector refitted per attack" in md
@@ -252,7 +253,7 @@ def test_supervised_detectors_fit_only_successful_pairs_of_correct_images():
     its adversarial version is misclassified (failed attacks and wrong images dropped)."""
     from types import SimpleNamespace
 
-    from medsec.evaluation.detection import _successful_pairs
+    from medsec.evaluation.detection import _pair_masks
 
     class Bright(torch.nn.Module):  # class 1 iff mean pixel > 0.5
         def forward(self, x):
@@ -263,5 +264,5 @@ def test_supervised_detectors_fit_only_successful_pairs_of_correct_images():
     y = torch.tensor([1, 1, 0, 0, 1])
     x = torch.tensor([0.9, 0.9, 0.1, 0.9, 0.2]).view(5, 1, 1, 1)  # rows 3, 4 already wrong
     adv = torch.tensor([0.1, 0.8, 0.9, 0.1, 0.9]).view(5, 1, 1, 1)  # row 1: attack failed
-    keep = _successful_pairs(ctx, x, y, adv)
-    assert keep.tolist() == [True, False, True, False, False]
+    right, fooled = _pair_masks(ctx, x, y, adv)
+    assert (right & fooled).tolist() == [True, False, True, False, False]

@@ -46,6 +46,7 @@ from medsec.evaluation.indicators import add_checks as add_indicator_checks
 FAMILY = "detection"
 ATTACKS = ("fgsm", "bim", "pgd-20", "cw-linf")
 EPS_255 = (1.0, 2.0, 4.0)
+MIN_PAIRS = 20  # successful pairs a supervised fit needs (5-fold CV, 2 classes)
 
 
 @dataclass
@@ -84,7 +85,8 @@ def _fit_data(
     """Reference / fit split of the training images: (fit data, clean fit labels, attack of
     each adversarial fit image). A supervised detector gets, as Ma et al. fit theirs, only
     the pairs whose clean image the victim classifies correctly and whose adversarial
-    version (a quarter each from ``ATTACKS``) it misclassifies."""
+    version (a quarter each from ``ATTACKS``) it misclassifies; where fewer than
+    ``MIN_PAIRS`` succeed (smoke profiles), every pair with a correct clean image."""
     x = torch.from_numpy(ctx.data.train.images)
     y = torch.from_numpy(ctx.data.train.labels)
     n_fit = min(N_FIT, len(x) // 4)
@@ -109,7 +111,10 @@ def _fit_data(
             return {"x_adv": torch.cat(parts)}
 
         x_adv = ctx.store.tensors(f"detection/fit-adv-eps{e255(eps)}", make)["x_adv"]
-        keep = _successful_pairs(ctx, x_fit, y_fit, x_adv)
+        right, fooled = _pair_masks(ctx, x_fit, y_fit, x_adv)
+        keep = right & fooled
+        if int(keep.sum()) < MIN_PAIRS:  # a smoke profile: too few successes to fit a head
+            keep = right
         attack_of = torch.cat(
             [torch.full((len(_quarter(i, n_fit)),), i) for i in range(len(ATTACKS))]
         )[keep]
@@ -119,17 +124,18 @@ def _fit_data(
     return fit, y_fit, attack_of
 
 
-def _successful_pairs(ctx: StudyContext, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
-    """Bool per pair: the victim gets ``x`` right and the one Criterion calls ``x_adv`` a
-    success (a failed attack or an already-misclassified image is no adversarial example)."""
-    keep = []
+def _pair_masks(ctx: StudyContext, x: Tensor, y: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
+    """(the victim gets ``x`` right, the one Criterion calls ``x_adv`` a success) per pair:
+    a failed attack or an already-misclassified image is no adversarial example."""
+    right, fooled = [], []
     bs = ctx.profile.batch_size
     for s in range(0, len(x), bs):
         yb = y[s : s + bs].to(ctx.device)
         crit = Criterion(ctx.victim, yb)
-        right = crit.predict(x[s : s + bs].to(ctx.device)) == yb
-        keep.append((right & crit(x_adv[s : s + bs].to(ctx.device))).cpu())
-    return torch.cat(keep) if keep else torch.zeros(0, dtype=torch.bool)
+        right.append((crit.predict(x[s : s + bs].to(ctx.device)) == yb).cpu())
+        fooled.append(crit(x_adv[s : s + bs].to(ctx.device)).cpu())
+    none = torch.zeros(0, dtype=torch.bool)
+    return (torch.cat(right), torch.cat(fooled)) if right else (none, none)
 
 
 def fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
@@ -155,6 +161,12 @@ def _fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
     info = det.fit(x_all, y_all, fit.x_adv) or {}
     if attack_of is not None:
         info["fit_pairs"] = {a: int((attack_of == i).sum()) for i, a in enumerate(ATTACKS)}
+        info["fit_on"] = (
+            "successful adversarial examples of correctly classified images (Ma et al.)"
+            if bool(_pair_masks(ctx, fit.x_fit, y_fit, fit.x_adv)[1].all())
+            else f"every attack output of a correctly classified image: fewer than {MIN_PAIRS} "
+            "succeeded (a smoke profile)"
+        )
     det.set_threshold(fit.x_val)
     if dep.attack_terms is not None:
         terms, desc = dep.attack_terms(det, fit)
@@ -255,7 +267,10 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
     rows: list[dict[str, Any]] = []
     results: dict[tuple[str, float], dict[str, Any]] = {}
     common = {"defence": name, "family": FAMILY, "n": len(x), "clean_accuracy": clean_acc}
-    for eps in headline.budgets(tuple(eps_values(ctx)), defence.working_eps):
+    work = defence.working_eps
+    if work and work < min(eps_values(ctx)):  # a smoke profile's grid: too few successes there
+        work = None  # to fit on; judged where the gain is largest instead, and said so
+    for eps in headline.budgets(tuple(eps_values(ctx)), work):
         for i, attack in enumerate(ATTACKS):
 
             def compute(i: int = i, attack: str = attack, eps: float = eps) -> dict[str, Any]:
@@ -350,7 +365,9 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
     add_indicator_checks(ctx, name, by_eps)
     plain = {e: max((results[(a, e)]["row"] for a in ATTACKS), key=_joint) for e in grid}
     gains = {e: r["victim_fooled_rate"] - _joint(r) for e, r in plain.items()}
-    w, why = headline.working_budget(defence.working_eps, gains, top)
+    w, why = headline.working_budget(work, gains, top)
+    if work is None and defence.working_eps:
+        why += f"; its paper's {defence.working_eps * 255:g}/255 is below this profile's grid"
     sq = validity.square(ctx, name, get(w), x, y, results[("adaptive", w)], w)
     key = {"n_fit": N_FIT, "steps": ctx.profile.detection_steps, "lambdas": LAMBDAS}
     validity.binarization(ctx, name, get(w), x, y, w, key | {"kappa": KAPPA})
