@@ -81,17 +81,18 @@ def _quarter(i: int, n: int) -> Tensor:
 
 def _fit_data(
     ctx: StudyContext, eps: float, supervised: bool
-) -> tuple[FitData, Tensor, Tensor | None]:
+) -> tuple[FitData, Tensor, Tensor | None, str]:
     """Reference / fit split of the training images: (fit data, clean fit labels, attack of
-    each adversarial fit image). A supervised detector gets, as Ma et al. fit theirs, only
-    the pairs whose clean image the victim classifies correctly and whose adversarial
-    version (a quarter each from ``ATTACKS``) it misclassifies; where fewer than
-    ``MIN_PAIRS`` succeed (smoke profiles), every pair with a correct clean image."""
+    each adversarial fit image, what the adversarial fit images are). A supervised detector
+    gets, as Ma et al. fit theirs, only the pairs whose clean image the victim classifies
+    correctly and whose adversarial version (a quarter each from ``ATTACKS``) it
+    misclassifies; where fewer than ``MIN_PAIRS`` succeed (smoke profiles), every pair with
+    a correct clean image."""
     x = torch.from_numpy(ctx.data.train.images)
     y = torch.from_numpy(ctx.data.train.labels)
     n_fit = min(N_FIT, len(x) // 4)
     x_fit, y_fit = x[-n_fit:], y[-n_fit:]
-    x_adv, attack_of = None, None
+    x_adv, attack_of, fit_on = None, None, "clean images only (unsupervised)"
     if supervised:
 
         def make() -> dict[str, Tensor]:
@@ -113,15 +114,20 @@ def _fit_data(
         x_adv = ctx.store.tensors(f"detection/fit-adv-eps{e255(eps)}", make)["x_adv"]
         right, fooled = _pair_masks(ctx, x_fit, y_fit, x_adv)
         keep = right & fooled
+        fit_on = "successful adversarial examples of correctly classified images (Ma et al.)"
         if int(keep.sum()) < MIN_PAIRS:  # a smoke profile: too few successes to fit a head
             keep = right
+            fit_on = (
+                f"every attack output of a correctly classified image: fewer than {MIN_PAIRS} "
+                "succeeded (a smoke profile)"
+            )
         attack_of = torch.cat(
             [torch.full((len(_quarter(i, n_fit)),), i) for i in range(len(ATTACKS))]
         )[keep]
         x_fit, y_fit, x_adv = x_fit[keep], y_fit[keep], x_adv[keep]
     val = torch.from_numpy(ctx.data.val.images)
     fit = FitData(x[:-n_fit], y[:-n_fit], x_fit, x_adv, val, ctx.seed, ctx.device)
-    return fit, y_fit, attack_of
+    return fit, y_fit, attack_of, fit_on
 
 
 def _pair_masks(ctx: StudyContext, x: Tensor, y: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,18 +161,13 @@ def _fitted(ctx: StudyContext, defence: Defence, eps: float) -> Fitted:
     det = dep.detector
     if det is None:
         raise MedsecError(f"{defence.name}: a detection defence must deploy a detector")
-    fit, y_fit, attack_of = _fit_data(ctx, eps, bool(getattr(det, "supervised", False)))
+    fit, y_fit, attack_of, fit_on = _fit_data(ctx, eps, bool(getattr(det, "supervised", False)))
     x_all = torch.cat([fit.x_ref, fit.x_fit])
     y_all = torch.cat([fit.y_ref, y_fit])
     info = det.fit(x_all, y_all, fit.x_adv) or {}
     if attack_of is not None:
         info["fit_pairs"] = {a: int((attack_of == i).sum()) for i, a in enumerate(ATTACKS)}
-        info["fit_on"] = (
-            "successful adversarial examples of correctly classified images (Ma et al.)"
-            if bool(_pair_masks(ctx, fit.x_fit, y_fit, fit.x_adv)[1].all())
-            else f"every attack output of a correctly classified image: fewer than {MIN_PAIRS} "
-            "succeeded (a smoke profile)"
-        )
+        info["fit_on"] = fit_on
     det.set_threshold(fit.x_val)
     if dep.attack_terms is not None:
         terms, desc = dep.attack_terms(det, fit)

@@ -54,11 +54,6 @@ def whitebox_spec(eps: float) -> AttackSpec:
     return AttackSpec("whitebox-pgd", eps, steps=WHITEBOX_STEPS)
 
 
-def _rate(asr: float | None, n: int) -> dict[str, Any]:
-    low, high = rate_ci(asr, n) if asr is not None else (None, None)
-    return {"asr": asr, "ci": [low, high], "n": n}
-
-
 def record(
     defence: str,
     family: str,
@@ -79,8 +74,8 @@ def record(
         "paper_attack": paper_attack,
     }
     for key, (asr, n) in rates.items():
-        r = _rate(asr, n)
-        out[f"{key}_asr"], out[f"{key}_ci"], out[f"{key}_n"] = r["asr"], r["ci"], r["n"]
+        ci = list(rate_ci(asr, n)) if asr is not None else [None, None]
+        out[f"{key}_asr"], out[f"{key}_ci"], out[f"{key}_n"] = asr, ci, n
     und, ada = out.get("undefended_asr"), out.get("adaptive_asr")
     out["gain_kept"] = None if und is None or ada is None else und - ada
     out["removed_by"] = removed_by(out)

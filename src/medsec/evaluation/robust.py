@@ -350,14 +350,14 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
     w, why = headline.working_budget(
         defence.working_eps, {e: g for e, g in gain_at.items() if e in adaptive}, found.eps4
     )
-    spec4 = adaptive_spec(dep, w, steps)
+    spec_w = adaptive_spec(dep, w, steps)
 
     def attack(xs: Tensor, ys: Tensor) -> Tensor:
         return run_attack(
             dep.pipeline,
             xs,
             ys,
-            spec4,
+            spec_w,
             objective_factory=_objective_factory(dep),
             batch_size=ctx.profile.batch_size,
             seed=ctx.seed,
@@ -366,7 +366,7 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
 
     key = {"train": train_id(dep), "eot": dep.eot, "repeats": dep.repeats, "bpda": dep.bpda}
     square = attack_tests.evidence(
-        ctx, name, dep, (x, y), adaptive[w]["success"], w, attack, key | spec_key(spec4)
+        ctx, name, dep, (x, y), adaptive[w]["success"], w, attack, key | spec_key(spec_w)
     )
     plain = headline.whitebox_spec(w)
     wb = attack_cell(ctx, name, replace(dep, transfer=False), plain, x, y, idx, adaptive=False,
