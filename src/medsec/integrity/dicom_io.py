@@ -21,7 +21,7 @@ import struct
 import sys
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,3 +186,41 @@ def write_new(path: Path, data: bytes, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise MedsecError(f"{path} already exists; refusing to overwrite it (use --force)")
     atomic_write_bytes(path, data)
+
+
+def _text(value: bytes) -> str | None:
+    if b"\\" in value:  # several values: pydicom's MultiValue
+        return None
+    try:
+        return value.rstrip(b" \0").decode("ascii")
+    except UnicodeDecodeError:
+        return None
+
+
+# Raw little-endian bytes -> value, for the VRs a signature item uses; None = let pydicom do it.
+_QUICK: dict[str, Callable[[bytes], object]] = {
+    "US": lambda b: struct.unpack("<H", b)[0] if len(b) == 2 else None,
+    "AT": lambda b: (
+        [g << 16 | e for g, e in struct.iter_unpack("<HH", b)] or None if len(b) % 4 == 0 else None
+    ),
+    "OB": bytes,
+    "UI": _text,
+    "CS": _text,
+    "DT": _text,
+}
+
+
+def quick_value(ds: Dataset, tag: int) -> object:
+    """An element's value (None when absent), decoded straight from its raw bytes where that
+    is simple: a signature check reads a dozen small values, and pydicom's conversion of each
+    costs several times the rest of verifying a small image. AT values come back as a list of
+    ints; anything unusual (multi-valued text, odd sizes, big endian) goes through pydicom."""
+    raw = ds.get_item(tag, keep_deferred=True)
+    if raw is None:
+        return None
+    if isinstance(raw, RawDataElement) and raw.value and raw.is_little_endian:
+        decode = _QUICK.get(raw.VR or "")
+        value = decode(raw.value) if decode is not None else None
+        if value is not None:
+            return value
+    return ds[tag].value

@@ -15,6 +15,7 @@ import functools
 import mmap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -34,6 +35,7 @@ from medsec.integrity.dicom_io import (
     UNTRUSTED_DATA_ERRORS,
     check_well_formed,
     is_deflated,
+    quick_value,
     sequence_room,
 )
 from medsec.integrity.dicom_signature import (
@@ -47,16 +49,20 @@ from medsec.integrity.dicom_signature import (
     signature_stream,
     tag_list,
 )
+from medsec.integrity.fast_read import read_explicit_le
 from medsec.integrity.keys import TrustStore, describe
 from medsec.integrity.mac_stream import (
     DIGITAL_SIGNATURES_SEQUENCE,
     MAC_PARAMETERS_SEQUENCE,
     MacStreamWriter,
+    elements_of,
     is_signable,
     tag_str,
     tags_of,
     walk,
 )
+
+_DT_FIELDS = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
 
 
 def _parse_dt(value: str) -> dt.datetime | None:
@@ -76,7 +82,7 @@ def _parse_dt(value: str) -> dt.datetime | None:
         return None
     main += "00000101000000"[len(main) :]  # missing month/day default to 01, time to 0
     try:
-        base = dt.datetime.strptime(main[:14], "%Y%m%d%H%M%S")
+        base = dt.datetime(*(int(main[a:b]) for a, b in _DT_FIELDS))  # strptime is 20x slower
     except ValueError:
         return None
     micro = int((frac + "000000")[:6]) if frac.isdigit() else 0
@@ -92,6 +98,16 @@ def _signature_levels(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
             yield (path or "top level"), level
 
 
+_REQUIRED = {
+    0x04000005: "MAC ID Number (0400,0005)",
+    0x04000100: "Digital Signature UID (0400,0100)",
+    0x04000105: "Digital Signature DateTime (0400,0105)",
+    0x04000110: "Certificate Type (0400,0110)",
+    0x04000115: "Certificate of Signer (0400,0115)",
+    0x04000120: "Signature (0400,0120)",
+}
+
+
 def _check_one(
     check: SignatureCheck,
     level: Dataset,
@@ -105,37 +121,31 @@ def _check_one(
         own = item_stream(sig_item, writer)
     except UNTRUSTED_DATA_ERRORS as exc:  # raised where the stream is needed, after the checks
         own = exc
-    required = {
-        "MACIDNumber": "MAC ID Number (0400,0005)",
-        "DigitalSignatureUID": "Digital Signature UID (0400,0100)",
-        "DigitalSignatureDateTime": "Digital Signature DateTime (0400,0105)",
-        "CertificateType": "Certificate Type (0400,0110)",
-        "CertificateOfSigner": "Certificate of Signer (0400,0115)",
-        "Signature": "Signature (0400,0120)",
-    }
-    for keyword, label in required.items():
-        if sig_item.get(keyword) in (None, "", b""):
+    value = functools.partial(quick_value, sig_item)
+    for tag, label in _REQUIRED.items():
+        if value(tag) in (None, "", b""):
             check.error = f"malformed: {label} missing"
             return
-    check.mac_id = int(sig_item.MACIDNumber)
-    check.uid = str(sig_item.DigitalSignatureUID)
-    check.datetime = str(sig_item.DigitalSignatureDateTime)
+    check.mac_id = int(value(0x04000005))  # type: ignore[call-overload]
+    check.uid = str(value(0x04000100))
+    check.datetime = str(value(0x04000105))
     params = level.get(MAC_PARAMETERS_SEQUENCE)
-    matches = [p for p in (params.value if params else []) if p.get("MACIDNumber") == check.mac_id]
+    items = params.value if params else []
+    matches = [p for p in items if quick_value(p, 0x04000005) == check.mac_id]
     if len(matches) != 1:
         what = "no" if not matches else "several"
         check.error = f"{what} MAC Parameters item for MAC ID {check.mac_id}"
         return
     mac_item = matches[0]
-    check.mac_algorithm = str(mac_item.get("MACAlgorithm", ""))
-    ts = str(mac_item.get("MACCalculationTransferSyntaxUID", ""))
+    check.mac_algorithm = str(quick_value(mac_item, 0x04000015) or "")
+    ts = str(quick_value(mac_item, 0x04000010) or "")
     if ts not in (ExplicitVRLittleEndian, mac_transfer_syntax(level)):
         check.error = f"unsupported MAC calculation transfer syntax {ts!r}"
         return
     if check.mac_algorithm not in MAC_ALGORITHMS:
         check.error = f"unsupported MAC algorithm {check.mac_algorithm!r}"
         return
-    signed = tag_list(mac_item.get("DataElementsSigned"))
+    signed = tag_list(quick_value(mac_item, 0x04000020))
     if not signed:
         check.error = "malformed: Data Elements Signed (0400,0020) missing"
         return
@@ -143,15 +153,17 @@ def _check_one(
     if list(check.signed_tags) != sorted(set(check.signed_tags)):
         check.error = "malformed: Data Elements Signed not in ascending order"
         return
-    absent = [t for t in check.signed_tags if t not in level]
+    present = elements_of(level)
+    absent = [t for t in check.signed_tags if t not in present]
     if absent:
         check.error = f"signed element {tag_str(absent[0])} is missing (removed after signing)"
         return
-    if str(sig_item.CertificateType).strip() != CERTIFICATE_TYPE:
-        check.error = f"unsupported certificate type {sig_item.CertificateType!r}"
+    certificate_type = value(0x04000110)
+    if str(certificate_type).strip() != CERTIFICATE_TYPE:
+        check.error = f"unsupported certificate type {certificate_type!r}"
         return
     try:
-        cert, check.signer, check.key_type = _signer(bytes(sig_item.CertificateOfSigner))
+        cert, check.signer, check.key_type = _signer(bytes(value(0x04000115)))  # type: ignore[arg-type]
     except ValueError:
         check.error = "Certificate of Signer is not a readable X.509 certificate"
         return
@@ -162,7 +174,10 @@ def _check_one(
         digest = new_hash(check.mac_algorithm)
         signature_stream(digest, level, list(check.signed_tags), own, writer)
         good = verify_digest(
-            public, bytes(sig_item.Signature), digest.digest(), check.mac_algorithm
+            public,
+            bytes(value(0x04000120)),
+            digest.digest(),
+            check.mac_algorithm,  # type: ignore[arg-type]
         )
     except UnsupportedAlgorithm as exc:
         check.error = str(exc)
@@ -198,6 +213,13 @@ def _signer(blob: bytes) -> tuple[x509.Certificate, str, str]:
 
 
 _DEFER_BYTES = 1 << 16
+# Read-only mapping; on Linux filled in one go (the hash reads every page anyway, and one
+# populate costs less than a page fault per 64 KiB: -0.3 ms on a 7 MB radiograph).
+_MAP_READ: dict[str, int] = (
+    {"flags": mmap.MAP_SHARED | mmap.MAP_POPULATE, "prot": mmap.PROT_READ}
+    if hasattr(mmap, "MAP_POPULATE")
+    else {"access": mmap.ACCESS_READ}
+)
 
 
 def verify_dataset(
@@ -222,14 +244,12 @@ def verify_dataset(
         with open(path, "rb") as fh:
             if path.stat().st_size == 0:
                 return VerificationResult(False, Status.UNREADABLE, f"{path}: empty file")
-            with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm, sequence_room():
+            with mmap.mmap(fh.fileno(), 0, **_MAP_READ) as mm, sequence_room():
                 view = memoryview(mm)
                 try:
-                    ds = dcmread(fh, defer_size=_DEFER_BYTES)
-                    if is_deflated(ds):  # a deferred value would be read from deflated bytes
-                        fh.seek(0)
-                        ds = dcmread(fh)
-                    check_well_formed(ds, path, len(mm), bytes(mm[-8:]))
+                    ds = read_explicit_le(view, fh, path, _DEFER_BYTES)  # well formed
+                    if ds is None:  # not the common case
+                        ds = _read_lenient(fh, path, view)
                     return _verify(ds, view, trust, *policy)
                 finally:
                     view.release()
@@ -241,6 +261,17 @@ def verify_dataset(
         return VerificationResult(
             False, Status.UNREADABLE, f"{path}: not a readable DICOM file ({exc})"
         )
+
+
+def _read_lenient(fh: BinaryIO, path: Path, view: memoryview) -> Dataset:
+    """Read with pydicom, then refuse what it reads leniently (cut values, stray bytes)."""
+    fh.seek(0)
+    ds = dcmread(fh, defer_size=_DEFER_BYTES)
+    if is_deflated(ds):  # a deferred value would be read from deflated bytes
+        fh.seek(0)
+        ds = dcmread(fh)
+    check_well_formed(ds, path, len(view), bytes(view[-8:]))
+    return ds
 
 
 def _verify(

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
@@ -39,6 +39,8 @@ _LONG_VRS = frozenset(
 _BINARY_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 _SWAP_WIDTH = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
 _AMBIGUOUS_VRS = frozenset({"US or SS", "US or OW", "US or SS or OW", "OB or OW"})
+_SHORT_HEAD = struct.Struct("<HH2sH")
+_LONG_HEAD = struct.Struct("<HH2sHI")
 # Deepest sequence nesting medsec signs or verifies (see :mod:`medsec.integrity.dicom_io`).
 MAX_SEQUENCE_DEPTH = 1000
 TOO_DEEP = f"DICOM sequences nested deeper than {MAX_SEQUENCE_DEPTH} levels (medsec's limit)"
@@ -84,9 +86,15 @@ def tags_of(ds: Dataset) -> list[int]:
     return sorted(map(int, ds.keys()))
 
 
-def vr_of(ds: Dataset, tag: int) -> str:
-    """The element's VR, with implicit-VR and ambiguous VRs resolved as pydicom resolves them."""
-    raw = ds.get_item(tag, keep_deferred=True)
+def elements_of(ds: Dataset) -> dict[int, DataElement | RawDataElement]:
+    """The elements of ``ds`` by int tag, none converted (lookups by int skip pydicom's Tag())."""
+    return {int(tag): elem for tag, elem in ds.items()}
+
+
+def vr_of(ds: Dataset, tag: int, elem: DataElement | RawDataElement | None = None) -> str:
+    """The element's VR, with implicit-VR and ambiguous VRs resolved as pydicom resolves them;
+    ``elem``, when given, is the element as :func:`elements_of` holds it."""
+    raw = elem if elem is not None else ds.get_item(tag, keep_deferred=True)
     vr = raw.VR if raw is not None else None
     if vr is None or vr in _AMBIGUOUS_VRS:
         vr = ds[tag].VR
@@ -104,8 +112,8 @@ def walk(ds: Dataset, skip: frozenset[int] = frozenset()) -> Iterator[tuple[str,
         path, level, depth = stack.pop()
         yield path, level
         children = []
-        for tag in tags_of(level):
-            if tag in skip or vr_of(level, tag) != "SQ":
+        for tag, elem in sorted(elements_of(level).items()):
+            if tag in skip or vr_of(level, tag, elem) != "SQ":
                 continue
             if depth == MAX_SEQUENCE_DEPTH:
                 raise MedsecError(TOO_DEEP)
@@ -202,8 +210,36 @@ class MacStreamWriter:
 
     def write_elements(self, ds: Dataset, tags: Iterable[int]) -> None:
         """Write the given elements of ``ds`` in ascending tag order; all must be present."""
+        elems = elements_of(ds)
         for tag in sorted(tags):
-            self.write_element(ds, tag)
+            raw = elems.get(tag)
+            if not (isinstance(raw, RawDataElement) and self._write_raw(raw)):
+                self.write_element(ds, tag)
+
+    def _write_raw(self, raw: RawDataElement) -> bool:
+        """The common case in few steps: a little-endian element as read, with its VR known,
+        not a sequence, of even defined length. False (nothing written) for anything else."""
+        vr = raw.VR
+        if (
+            vr is None
+            or vr == "SQ"
+            or vr in _AMBIGUOUS_VRS
+            or raw.length == 0xFFFFFFFF
+            or not (raw.is_little_endian or vr in ("OB", "UN"))
+        ):
+            return False
+        value = self._raw_value(raw)
+        size = len(value)
+        if size & 1:
+            return False
+        tag = raw.tag
+        if vr in _LONG_VRS:
+            head = _LONG_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), 0, size)
+        else:
+            head = _SHORT_HEAD.pack(tag >> 16, tag & 0xFFFF, vr.encode("ascii"), size)
+        self._emit(head)
+        self._emit(value)
+        return True
 
     def _raw_value(self, raw: RawDataElement) -> bytes | memoryview:
         """The value bytes as read, or for a deferred value its slice of the mapped file."""
