@@ -5,7 +5,7 @@ One run: sign the file once (SHA-256, Creator RSA profile), then time, as median
   verifier must do),
 - medsec: ``verify_dataset(path, trust)`` end to end (open, parse, hash, RSA, X.509 path),
 - dcmsign: ``dcmsign --verify +cf CERT`` as a whole process (how it is used).
-Last line: ``medsec_vs_floor=<r> medsec_vs_dcmsign=<r>`` (targets: <= 1.5 and < 1).
+Last line: ``medsec_vs_floor=<r> medsec_vs_dcmsign=<r>`` (targets: <= 1.3 and < 1).
 """
 
 from __future__ import annotations
