@@ -251,3 +251,31 @@ def test_kd_bu_flags_are_a_function_of_the_image_not_of_its_batch(
     _, feats = det.extract(pool[:4])
     pen = feats["penultimate"]
     assert not torch.equal(det.bu(pen, fresh=True), det.bu(pen, fresh=True))
+
+
+class _Recorder:
+    """A stand-in supervised detector that records what it is refitted on."""
+
+    def __init__(self) -> None:
+        self.fitted_on: int | None = None
+
+    def fit(self, x_clean: torch.Tensor, y_clean: torch.Tensor, x_adv: torch.Tensor) -> None:
+        self.fitted_on = len(x_adv)
+
+
+def test_per_attack_refit_uses_only_that_attacks_pairs_and_skips_too_few() -> None:
+    from medsec.evaluation.detection import MIN_REFIT_PAIRS, Fitted, refit_on_attack
+
+    n = 3 * MIN_REFIT_PAIRS
+    attack_of = torch.tensor([0] * (2 * MIN_REFIT_PAIRS) + [1] * (MIN_REFIT_PAIRS - 1) + [2])
+    fit = FitData(
+        x_ref=torch.zeros(4, 1, 2, 2), y_ref=torch.zeros(4, dtype=torch.long),
+        x_fit=torch.zeros(n, 1, 2, 2), x_adv=torch.ones(n, 1, 2, 2),
+        x_val=torch.zeros(2, 1, 2, 2), seed=0, device=torch.device("cpu"),
+    )  # fmt: skip
+    f = Fitted(_Recorder(), {}, [], "", 0.0, fit, torch.zeros(n, dtype=torch.long), attack_of)
+    other = refit_on_attack(f, 0)
+    assert other is not f.detector and other.fitted_on == 2 * MIN_REFIT_PAIRS
+    assert f.detector.fitted_on is None  # the deployed detector is untouched
+    assert refit_on_attack(f, 1) is None  # one pair short: no per-attack AUC, no crash
+    assert refit_on_attack(f, 3) is None  # an attack that fooled nothing
