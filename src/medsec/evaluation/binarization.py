@@ -17,7 +17,9 @@ Feasibility (else the image is skipped and counted): the modified deployed pipel
 and the inner points at y and decides the target a success by the one Criterion (the
 detector, if any, not flagging it). The paper's setting is one surface point
 (``n_boundary=1``); more are tried in turn as fallback targets, as the authors' code
-resamples points a detector rejects.
+resamples points a detector rejects, and then the ball's two corners x +- eps (where the
+features are few or smooth, e.g. a matched filter's global maximum, only an extreme point
+can be separated from the inner points).
 
 Where the head runs on several noisy copies per image (a vote, e.g. MedRDF) the readout is
 fitted on every copy's features and the target is drawn ``TARGET_DRAWS`` times. A detector
@@ -134,6 +136,14 @@ def _surface(x: Tensor, n: int, eps: float, gen: torch.Generator) -> Tensor:
     fits = (x0.gather(1, j) + sign * eps <= 1) & (x0.gather(1, j) + sign * eps >= 0)
     u = u.scatter(1, j, torch.where(fits, sign, -sign))
     return (x0 + u * eps).clamp(0, 1).view(n, *x.shape[1:])
+
+
+def _corners(x: Tensor, eps: float) -> Tensor:
+    """The two fallback targets: x shifted by +eps and by -eps everywhere (clamped). A random
+    surface point moves a low-dimensional or smoothing feature (a global maximum, a mean) no
+    further than the inner points do, so no readout can separate it; the corners move such a
+    feature the furthest any point of the ball can."""
+    return torch.cat([(x + eps).clamp(0, 1), (x - eps).clamp(0, 1)])
 
 
 def _features(dep: Deployed, hook: _Readout, pts: Tensor, seed: int) -> tuple[Tensor, Tensor]:
@@ -261,7 +271,7 @@ def binarization_test(
         for i in range(len(x)):
             xi, yi = x[i : i + 1].to(device), y[i : i + 1].to(device)
             clean = torch.cat([xi, _inner(xi, n_inner, eps, gen)])
-            targets = _surface(xi, n_boundary, eps, gen)
+            targets = torch.cat([_surface(xi, n_boundary, eps, gen), _corners(xi, eps)])
             if not _set_up(dep, hook, clean, targets, yi, detector, seed):
                 passed.append(None)
                 continue
@@ -283,6 +293,7 @@ def binarization_test(
         "settings": {
             "n_inner": n_inner,
             "n_boundary": n_boundary,
+            "fallback_targets": "x + eps and x - eps (clamped to [0, 1])",
             "eps": eps,
             "seed": seed,
             "inner_gap": INNER_GAP,
