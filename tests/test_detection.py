@@ -279,3 +279,17 @@ def test_per_attack_refit_uses_only_that_attacks_pairs_and_skips_too_few() -> No
     assert f.detector.fitted_on is None  # the deployed detector is untouched
     assert refit_on_attack(f, 1) is None  # one pair short: no per-attack AUC, no crash
     assert refit_on_attack(f, 3) is None  # an attack that fooled nothing
+
+
+def test_two_sided_rate_shows_an_attacker_who_overshot() -> None:
+    from medsec.evaluation.detection_report import auc, two_sided_tpr
+
+    rng = np.random.default_rng(0)
+    clean = rng.normal(0, 1, 400)
+    overshoot = rng.normal(-4, 0.2, 100)  # far below every clean score: AUC ~0
+    assert auc(clean, overshoot) < 0.01
+    assert float(np.mean(overshoot > np.quantile(clean, 0.95))) == 0.0  # one-sided sees none
+    assert two_sided_tpr(clean, overshoot) == 1.0  # the lower tail catches them all
+    inside = rng.normal(0, 1, 100)  # an attacker who lands inside the clean scores
+    assert two_sided_tpr(clean, inside) <= 0.15
+    assert two_sided_tpr(clean, np.array([])) is None

@@ -40,7 +40,7 @@ from medsec.errors import MedsecError
 from medsec.evaluation import detection_validity as validity
 from medsec.evaluation import headline
 from medsec.evaluation.context import StudyContext, make_row
-from medsec.evaluation.detection_report import COMMON_NOTE, N_FIT, auc, report
+from medsec.evaluation.detection_report import COMMON_NOTE, N_FIT, auc, report, two_sided_tpr
 from medsec.evaluation.indicators import add_checks as add_indicator_checks
 
 FAMILY = "detection"
@@ -239,6 +239,7 @@ def evaluate_scores(
             "attack_success_rate": float(joint.float().mean()),
             "detection_auc": auc(s_clean.numpy(), hit.numpy()),
             "tpr_at_5fpr": float(det.flagged(hit).float().mean()) if len(hit) else None,
+            "tpr_two_sided_at_5fpr": two_sided_tpr(s_clean.numpy(), hit.numpy()),
             "tpr_n": len(hit),
             "clean_fpr": float(det.flagged(s_clean).float().mean()),
             "victim_fooled_rate": float(fooled.float().mean()),

@@ -55,6 +55,24 @@ def auc(s_clean: np.ndarray, s_adv: np.ndarray) -> float | None:
     return float(roc_auc_score(labels, np.r_[s_clean, s_adv]))
 
 
+def two_sided_tpr(s_clean: np.ndarray, s_adv: np.ndarray, fpr: float = 0.05) -> float | None:
+    """Detection rate of the best two-sided rule at ``fpr``: flag scores outside an interval
+    that holds all but ``fpr`` of the clean scores, the interval chosen to flag the most
+    adversarial scores. Chosen on these very scores, so an upper bound; far above the
+    one-sided rate, it shows an attacker who overshot into the clean scores' far tail
+    (an AUC below 0.5 says the same). None without adversarial scores."""
+    if len(s_adv) == 0 or len(s_clean) == 0:
+        return None
+    c, a = np.sort(np.asarray(s_clean, float)), np.asarray(s_adv, float)
+    m = int(np.floor(fpr * len(c)))  # clean scores the rule may flag
+    best = 0.0
+    for k in range(m + 1):  # k flagged below the interval, m - k above it
+        lo = c[k] if k < len(c) else np.inf
+        hi = c[len(c) - 1 - (m - k)] if m - k < len(c) else -np.inf
+        best = max(best, float(np.mean((a < lo) | (a > hi))))
+    return best
+
+
 def _roc_figure(ctx: StudyContext, name: str, results: Results, top: float) -> None:
     import matplotlib
 

@@ -106,7 +106,16 @@ def _tables(family: str, drows: list[dict[str, Any]]) -> list[Block]:
             blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
         blocks.append(("p", "True-positive rate at 5% false positives:"))
         blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
+        blocks.append(("p", TWO_SIDED))
+        blocks.append(("table", _pivot(drows, "tpr_two_sided_at_5fpr")))
     return blocks
+
+
+TWO_SIDED = (
+    "The same, for the best two-sided rule (flag scores outside an interval holding 95% of the "
+    "clean scores; chosen on these scores, an upper bound). Well above the one-sided rate, "
+    "it shows the attacker overshooting into the far tail of the clean scores:"
+)
 
 
 def _check_table(checks: list[Any]) -> Block:
