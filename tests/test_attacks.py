@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from medsec.attacks import (
     preset,
     run_attack,
 )
+from medsec.attacks.precision import native_bf16
 from medsec.errors import MedsecError
 
 
@@ -276,3 +278,48 @@ def test_screened_criterion_needs_the_first_call_and_spends_one_call_on_a_correc
     got = crit(x)
     assert torch.equal(got, table[:, 0] & (table.float().mean(1) >= 0.9))
     assert (model.calls[:8] == 1).all() and got[8:].any()
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_fast_path_decides_like_fp32_on_a_trained_victim(trained, blob_data):
+    """bf16 steps change borderline gradients, not the attack: the Criterion decides in fp32,
+    and decisions and ASR agree with the fp32 path (same seed). Exact equality cannot hold:
+    a bf16 gradient walks a slightly different path near the decision boundary."""
+    model, _ = trained
+    x, y = (torch.from_numpy(a) for a in (blob_data.test.images, blob_data.test.labels))
+    ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    for eps in (2 / 255, 4 / 255):
+        fast = run_attack(model, x, y, preset("pgd-20", eps, precision="auto"), seed=0)
+        slow = run_attack(model, x, y, preset("pgd-20", eps, precision="fp32"), seed=0)
+        assert fast.precision == "bf16" and slow.precision == "fp32"
+        assert float((fast.success == slow.success).float().mean()) >= 0.98
+        assert abs(float(fast.success.float().mean() - slow.success.float().mean())) <= 0.02
+        with torch.no_grad():  # the loop's decisions are the fp32 model's decisions
+            assert torch.equal(model(fast.x_adv).argmax(1) != y, fast.success)
+
+
+class _RoundedAway(nn.Module):
+    """Logits from relu(a - 256.5), a = w . x = 256.6 for a mid-grey image: fp32 keeps the
+    0.1 and its gradient; bf16 rounds a to 256 (its spacing there is 2) and the ReLU, hence
+    the gradient, is zero. An fp32-only gradient: the fast path must report it missing."""
+
+    def __init__(self, pixels: int) -> None:
+        super().__init__()
+        self.a = nn.Linear(pixels, 1, bias=False)
+        nn.init.constant_(self.a.weight, 256.6 / (0.5 * pixels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.a(x.flatten(1)).float() - 256.5) * 10
+        return torch.cat([s, -s], dim=1)
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_gradient_lost_to_low_precision_is_counted_as_unavailable():
+    model = _RoundedAway(8 * 8).eval()
+    x, y = torch.full((4, 1, 8, 8), 0.5), torch.ones(4, dtype=torch.long)
+    spec = preset("pgd-20", 1 / 255, random_start=False, early_stop=False)
+    slow = run_attack(model, x, y, replace(spec, precision="fp32"))
+    fast = run_attack(model, x, y, replace(spec, precision="bf16"))
+    assert float(slow.unavailable_grad.mean()) == 0.0 and slow.zero_grad_fraction == 0.0
+    assert float(fast.unavailable_grad.mean()) == 1.0 and fast.zero_grad_fraction == 1.0

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from medsec.attacks.criteria import Criterion, eval_mode, loop_criterion
 from medsec.attacks.losses import Objective, create_loss, logits_forward
+from medsec.attacks.precision import PRECISIONS, fast_step, layout, resolve
 from medsec.attacks.steps import APGDStep, PGDStep, StepRule
 from medsec.attacks.transforms import EOT
 from medsec.errors import MedsecError
@@ -59,8 +60,11 @@ class AttackSpec:
     early_stop: bool = True
     restart_step_factors: tuple[float, ...] = ()
     step_rule: str = "pgd"
+    precision: str = "auto"  # of each step's gradient: see medsec.attacks.precision
 
     def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise MedsecError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.norm not in NORMS:
             raise MedsecError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if not (self.eps >= 0 and math.isfinite(self.eps)):
@@ -132,6 +136,7 @@ class AttackResult:
     seconds: float = 0.0
     unavailable_grad: Tensor | None = None
     late_gain: Tensor | None = None
+    precision: str = "fp32"  # what the steps' gradients were computed in
 
 
 LATE = 0.2  # the final share of a restart's steps that ``late_gain`` looks at
@@ -231,6 +236,7 @@ def pgd(
         done = criterion(x, all_idx)
         return AttackResult(out, done, spec, seconds=time.perf_counter() - start)
     late_from = min(spec.steps - 1, max(1, round((1 - LATE) * spec.steps)))
+    fast = resolve(spec.precision, x.device)
     for restart in range(spec.restarts):
         idx = all_idx[~done]
         if len(idx) == 0:
@@ -240,10 +246,11 @@ def pgd(
         rule = _rule(x0, spec, restart)
         marks: dict[str, Tensor] = {}  # objective at step 0, at the late mark, running best
         for t in range(spec.steps):
-            xa.requires_grad_(True)
-            value = objective(xa, idx)
+            xa = layout(xa, fast).requires_grad_(True)
+            with fast_step(fast, x.device):
+                value = objective(xa, idx)
             grad = track.see(idx, xa, value, _input_grad(value, xa))
-            v = value.detach()
+            v = value.detach().float()
             if t == late_from and t > 0:  # the best before the late steps
                 marks["late"] = marks["best"].clone()
             marks["best"] = torch.maximum(marks["best"], v) if "best" in marks else v.clone()
@@ -252,7 +259,7 @@ def pgd(
             if restart == 0:
                 curve.append(float(v.mean()))
             with torch.no_grad():
-                xa = rule.step(xa.detach(), grad, v, t)
+                xa = rule.step(xa.detach(), grad, v, t).contiguous()  # judged as stored
                 last = t == spec.steps - 1
                 if not (last or spec.early_stop):
                     continue
@@ -282,6 +289,7 @@ def pgd(
         seconds=time.perf_counter() - start,
         unavailable_grad=(track.bad / track.steps.clamp_min(1)).cpu(),
         late_gain=track.late_gain.cpu(),
+        precision=fast,
     )
 
 
@@ -359,6 +367,7 @@ def run_attack(
         sum(o.seconds for o in outs),
         _cat([o.unavailable_grad for o in outs]),
         _cat([o.late_gain for o in outs]),
+        outs[0].precision,
     )
 
 

@@ -46,6 +46,7 @@ def attack_cell(
             "grad_norm_mean": res.grad_norm_mean,
             "zero_grad_fraction": res.zero_grad_fraction,
             "nonfinite_grad_fraction": res.nonfinite_grad_fraction,
+            "gradient_precision": res.precision,
             "max_linf": linf,
             "loss_curve": res.loss_curve[:200],
         }

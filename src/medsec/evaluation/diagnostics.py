@@ -62,9 +62,11 @@ def margin_objective_factory(view: nn.Module) -> Any:
     return lambda labels, idx: Objective(logits_forward(view), [(1.0, margin())], labels)
 
 
-def gradient_stats(result: AttackResult) -> dict[str, float]:
-    """Input-gradient statistics at the first step of an attack (masking shows here)."""
+def gradient_stats(result: AttackResult) -> dict[str, float | str]:
+    """Input-gradient statistics at the first step of an attack (masking shows here), and
+    the precision the gradients were computed in."""
     return {
+        "gradient_precision": result.precision,
         "grad_norm_mean": result.grad_norm_mean,
         "zero_grad_fraction": result.zero_grad_fraction,
         "nonfinite_grad_fraction": result.nonfinite_grad_fraction,
