@@ -259,11 +259,11 @@ def pgd(
             if restart == 0:
                 curve.append(float(v.mean()))
             with torch.no_grad():
-                xa = rule.step(xa.detach(), grad, v, t).contiguous()  # judged as stored
+                xa = rule.step(xa.detach(), grad, v, t)
                 last = t == spec.steps - 1
                 if not (last or spec.early_stop):
                     continue
-                ok = criterion(xa, idx)
+                ok = criterion(xa.contiguous(), idx)  # judged in fp32, laid out as stored
                 out[idx[ok]] = xa[ok]
                 done[idx[ok]] = True
                 if last and "late" in marks:
