@@ -11,7 +11,7 @@ import numpy as np
 import pydicom
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydicom.dataelem import RawDataElement
 
@@ -113,6 +113,7 @@ def check_all(signed: Signed, body: bytes, tmp_path: Path) -> tuple[bool, bool]:
 
 @FUZZ
 @given(data=st.binary(max_size=600), dicm=st.booleans())
+@example(data=b"\xfe\xff\x00\xe0\x00\x00\x00\x00", dicm=True)  # an empty item at top level
 def test_random_bytes(signed: Signed, tmp_path: Path, data: bytes, dicm: bool) -> None:
     body = (bytes(128) + b"DICM" + data) if dicm else data
     assert check_all(signed, body, tmp_path) == (False, False)

@@ -15,6 +15,7 @@ from medsec.defences.base import FAMILIES
 from medsec.evaluation import headline
 from medsec.evaluation.context import EPS_UNIT, StudyContext
 from medsec.evaluation.render import Block, render_html, render_markdown
+from medsec.evaluation.tables import family_tables, fmt
 from medsec.evaluation.verdict import verdict, verdicts
 from medsec.utils import atomic_write_json, atomic_write_text
 
@@ -30,92 +31,10 @@ THREAT_MODEL = (
 )
 
 
-def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.3f}"
-    return str(v)
-
-
-def _with_ci(r: dict[str, Any], value: str) -> str:
-    """The value, followed by its 95% interval where the row has one."""
-    v = r.get(value)
-    ci = (r.get("ci_low"), r.get("ci_high")) if value == "attack_success_rate" else None
-    if value == "tpr_at_5fpr" and r.get("tpr_ci"):
-        ci = tuple(r["tpr_ci"])
-    if v is None or ci is None or ci[0] is None:
-        return _fmt(v)
-    return f"{v:.3f} [{ci[0]:.2f}, {ci[1]:.2f}]"
-
-
-def _pivot(rows: list[dict[str, Any]], value: str) -> dict[str, Any]:
-    """Rows (attack, adaptive) x columns eps/255 of one value (with its 95% interval)."""
-    eps = sorted({r["eps_255"] for r in rows})
-    table: dict[tuple[str, bool], dict[float, Any]] = defaultdict(dict)
-    for r in rows:
-        table[(r["attack"], r["adaptive"])][r["eps_255"]] = _with_ci(r, value)
-    header = ["attack", "adaptive", *[f"{e:g}/255" for e in eps]]
-    body = [
-        [a, "yes" if ad else "no", *[cells.get(e, "-") for e in eps]]
-        for (a, ad), cells in table.items()
-    ]
-    return {"header": header, "rows": body}
-
-
-def _tables(family: str, drows: list[dict[str, Any]]) -> list[Block]:
-    """The tables of one entry: the gate's verdict table, or ASR (and detection) pivots."""
-    if family == "integrity":
-        header = [
-            "adversarial images from",
-            "n",
-            "altered",
-            "rejected (of altered)",
-            "fooled AND accepted",
-            "clean false rejections",
-        ]
-        body = [
-            [
-                r["attack"],
-                r["n"],
-                r.get("changed"),
-                _fmt(r.get("rejection_rate")),
-                _fmt(r["attack_success_rate"]),
-                _fmt(r.get("false_rejection_rate")),
-            ]
-            for r in drows
-        ]
-        return [("table", {"header": header, "rows": body})]
-    joint = " under the joint criterion: misclassified AND not flagged."
-    blocks: list[Block] = [
-        ("p", "Attack success rate (ASR)" + (joint if family == "detection" else ".")),
-        ("table", _pivot(drows, "attack_success_rate")),
-    ]
-    if family == "detection":
-        blocks.append(("p", "Detection ROC-AUC (clean vs adversarial):"))
-        blocks.append(("table", _pivot(drows, "detection_auc")))
-        if any(r.get("detection_auc_per_attack_fit") is not None for r in drows):
-            blocks.append(
-                (
-                    "p",
-                    "Detection ROC-AUC with one detector refitted per attack (Ma et al.'s "
-                    "protocol; the deployed detector above is fitted on all four attacks):",
-                )
-            )
-            per_attack = [r for r in drows if not r["adaptive"]]
-            blocks.append(("table", _pivot(per_attack, "detection_auc_per_attack_fit")))
-        blocks.append(("p", "True-positive rate at 5% false positives:"))
-        blocks.append(("table", _pivot(drows, "tpr_at_5fpr")))
-        blocks.append(("p", TWO_SIDED))
-        blocks.append(("table", _pivot(drows, "tpr_two_sided_at_5fpr")))
-    return blocks
-
-
-TWO_SIDED = (
-    "The same, for the best two-sided rule (flag scores outside an interval holding 95% of the "
-    "clean scores; chosen on these scores, an upper bound). Well above the one-sided rate, "
-    "it shows the attacker overshooting into the far tail of the clean scores:"
-)
+def _stages(record: dict[str, Any]) -> str:
+    """'data 3 s, victim 40 s, none 12 s, ...': where the wall time went."""
+    parts = record.get("wall_time_per_stage_s", {}) | record.get("wall_time_per_entry_s", {})
+    return ", ".join(f"{k} {v:.0f} s" for k, v in parts.items() if k != "defences")
 
 
 def _check_table(checks: list[Any]) -> Block:
@@ -124,7 +43,7 @@ def _check_table(checks: list[Any]) -> Block:
         {
             "header": ["check", "result", "measured", "expected"],
             "rows": [
-                [c.name, "PASS" if c.passed else "FAIL", _fmt(c.measured), c.expected or "-"]
+                [c.name, "PASS" if c.passed else "FAIL", fmt(c.measured), c.expected or "-"]
                 for c in checks
             ],
         },
@@ -170,7 +89,7 @@ def _family_blocks(family: str, rows: list[dict[str, Any]], ctx: StudyContext) -
                 f"n = {drows[0]['n']} attacked images",
             )
         )
-        blocks += _tables(family, drows)
+        blocks += family_tables(family, drows)
         blocks += _validity_blocks(ctx, name, rows)
         blocks += [("figure", (f.path, f.caption)) for f in figures if f.defence == name]
         blocks += [("p", n.text) for n in notes if n.defence == name]
@@ -261,8 +180,8 @@ def _headline_blocks(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[Bloc
         header += [f"non-adaptive {e:g}/255", f"adaptive {e:g}/255"]
     none = [None] * 4
     body = [
-        [name, first[name][0], _fmt(first[name][1])]
-        + [_fmt(v.get(name, none)[k]) for v in views.values() for k in (2, 3)]
+        [name, first[name][0], fmt(first[name][1])]
+        + [fmt(v.get(name, none)[k]) for v in views.values() for k in (2, 3)]
         for name in names
     ]
     from medsec.evaluation.figures import plot_headline
@@ -345,7 +264,8 @@ def build_blocks(
         (
             "p",
             f"Command: `{record['command']}`. Wall time of this invocation "
-            f"{record['wall_time_s']:.1f} s (resumed cells are not recomputed). "
+            f"{record['wall_time_s']:.1f} s (resumed cells are not recomputed; "
+            f"{_stages(record)}). "
             f"Seed {record['seed']}. Profile: {json.dumps(record['profile'])}.",
         )
     )

@@ -124,8 +124,11 @@ def reproduce(
     start = time.perf_counter()
     seed_everything(seed)
     data = load_study_data(dataset, profile, seed, progress)
+    stages = {"data": time.perf_counter() - start}
     victim, meta = prepare_victim(out, data, profile, arch, seed, device, progress)
+    stages["victim"] = time.perf_counter() - start - stages["data"]
     ctx = StudyContext(out, profile, data, victim, meta, device, seed, progress)
+    ctx.log(f"data {stages['data']:.0f} s, victim {stages['victim']:.0f} s")
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
     for defence in chosen:
@@ -151,6 +154,7 @@ def reproduce(
         "environment": environment_record(device),
         "wall_time_s": time.perf_counter() - start,
         "wall_time_per_entry_s": timings,
+        "wall_time_per_stage_s": stages | {"defences": sum(timings.values())},
         "command": f"medsec reproduce --profile {profile_name} --dataset {dataset} "
         f"--defences {defences or 'all'} --arch {arch} --seed {seed}",
     }

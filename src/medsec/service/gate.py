@@ -166,7 +166,11 @@ def _check_complete(ds: Dataset, size: int) -> None:
     """pydicom accepts a file cut inside a value or a header; the gate must not."""
     end = None
     for tag in tags_of(ds):
-        raw = ds.get_item(tag)
+        if tag >> 16 == 0xFFFE:  # pydicom reads it as an element it cannot convert
+            raise Refusal(
+                422, "corrupt", f"item or delimiter tag {tag_str(tag)} outside a sequence"
+            )
+        raw = ds.get_item(tag, keep_deferred=True)  # never converted: a bad VR would raise
         if not isinstance(raw, RawDataElement) or raw.length == _UNDEFINED:
             end = None
             continue
