@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from medsec.attacks.criteria import Criterion
 from medsec.attacks.pgd import AttackSpec
+from medsec.attacks.precision import resolve
 from medsec.cache import ArtifactStore, cached_cell, jsonable, slug
 from medsec.data.base import Dataset
 from medsec.defences.base import FAMILIES, BuildEnv
@@ -205,6 +206,12 @@ class StudyContext:
     notes: list[Note] = field(default_factory=list)
     headlines: list[dict[str, Any]] = field(default_factory=list)  # one per judged defence
 
+    @property
+    def precision(self) -> str:
+        """What the attack engine computes its steps in here (fp32 or bf16): in every
+        cell's key, as the same attack gives slightly different images in each."""
+        return resolve("auto", torch.device(self.device))
+
     # ---- resumable cells -------------------------------------------------------------
     def cell(self, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Return the cached result for ``key`` or compute, store atomically and return it.
@@ -217,6 +224,7 @@ class StudyContext:
             "data": self.data.content_hash[:16],
             "victim": self.victim_meta.get("sha256", "")[:16],
             "seed": self.seed,
+            "engine_precision": self.precision,
         }
         blob = json.dumps(key, sort_keys=True, default=str)
         name = slug(

@@ -112,7 +112,8 @@ def _fit_data(
                 parts.append(res.x_adv)
             return {"x_adv": torch.cat(parts)}
 
-        x_adv = ctx.store.tensors(f"detection/fit-adv-eps{e255(eps)}", make)["x_adv"]
+        name = f"detection/fit-adv-eps{e255(eps)}-{ctx.precision}"
+        x_adv = ctx.store.tensors(name, make)["x_adv"]
         right, fooled = _pair_masks(ctx, x_fit, y_fit, x_adv)
         keep = right & fooled
         fit_on = "successful adversarial examples of correctly classified images (Ma et al.)"
@@ -207,7 +208,7 @@ def nonadaptive(ctx: StudyContext, attack: str, eps: float) -> tuple[Tensor, Att
         ctx.save_adversarial(f"detection-{attack}-eps{e255(eps)}", res.x_adv, idx, res.success)
         return {"x_adv": res.x_adv, "seconds": torch.tensor(res.seconds)}
 
-    blob = ctx.store.tensors(f"detection/nonadaptive-{attack}-eps{e255(eps)}", make)
+    blob = ctx.store.tensors(f"detection/nonadaptive-{attack}-eps{e255(eps)}-{ctx.precision}", make)
     return blob["x_adv"], spec, float(blob["seconds"])
 
 
