@@ -53,6 +53,12 @@ def statistic(x: torch.Tensor) -> torch.Tensor:
     return matched_filter(0.0, 1.0, scale=0.5)(x).diff(dim=1)[:, 0]
 
 
+def midpoint(s: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """(threshold, class-0 mean, class-1 mean) of the statistic ``s``: the midpoint rule."""
+    m0, m1 = float(np.mean(s[y == 0])), float(np.mean(s[y == 1]))
+    return (m0 + m1) / 2, m0, m1
+
+
 class ProvablyRobust(Defence):
     name = "provably-robust-fixture"
     family = "robustification"
@@ -65,8 +71,8 @@ class ProvablyRobust(Defence):
         y = data.train.labels
         with torch.no_grad():
             s = statistic(x).numpy()
-        m0, m1 = float(np.mean(s[y == 0])), float(np.mean(s[y == 1]))
-        model = matched_filter((m0 + m1) / 2, 1.0 if m1 > m0 else -1.0).to(env.device)
+        t, m0, m1 = midpoint(s, y)
+        model = matched_filter(t, 1.0 if m1 > m0 else -1.0).to(env.device)
         return Deployed(model, notes=[f"class means of the statistic {m0:.4f}, {m1:.4f}"])
 
 

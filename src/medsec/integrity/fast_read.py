@@ -22,7 +22,6 @@ from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import (
     DataElement,
     RawDataElement,
-    convert_raw_data_element,
     empty_value_for_VR,
 )
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -57,10 +56,10 @@ def _sequence(fp: BinaryIO, start: int, encoding: str | list[str]) -> tuple[Sequ
 
 def _elements(
     view: memoryview, pos: int, defer: int, fp: BinaryIO | None = None, group: int | None = None
-) -> tuple[dict[BaseTag, RawDataElement | DataElement], int] | None:
+) -> tuple[dict[BaseTag, RawDataElement | DataElement], int, str | list[str]] | None:
     """Elements from ``pos`` to the end (with ``group``: until the first element of another
-    group), and where reading stopped; None where pydicom must read. Undefined-length
-    sequences are read by pydicom from ``fp``, the file ``view`` maps."""
+    group), where reading stopped and the text encoding the elements set; None where pydicom
+    must read. Undefined-length sequences are read by pydicom from ``fp`` (what ``view`` maps)."""
     elems: dict[BaseTag, RawDataElement | DataElement] = {}
     end, last = len(view), -1
     encoding: str | list[str] = default_encoding
@@ -100,7 +99,7 @@ def _elements(
             encoding = convert_encodings(convert_string(value or b"", True))
         elems[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, start, False, True)
         pos = start + length
-    return elems, pos
+    return elems, pos, encoding
 
 
 def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> FileDataset | None:
@@ -111,7 +110,7 @@ def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> 
     meta = _elements(view, 132, defer, group=0x0002)
     if meta is None:
         return None
-    meta_elems, pos = meta
+    meta_elems, pos, _ = meta
     group_length = meta_elems.get(BaseTag(0x00020000))
     if group_length is None or not isinstance(group_length.value, bytes):
         return None
@@ -125,9 +124,7 @@ def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> 
     body = _elements(view, pos, defer, fp)
     if body is None or body[1] != len(view):
         return None
-    elems = body[0]
-    charset = elems.get(BaseTag(_CHARSET))
-    encoding = convert_encodings(convert_raw_data_element(charset).value if charset else None)
+    elems, _, encoding = body  # the text encoding as read_dataset sets it
     dataset = Dataset(elems)
     dataset.set_original_encoding(False, True, encoding)
     ds = FileDataset(str(path), dataset, bytes(view[:128]), FileMetaDataset(meta_elems), False)
