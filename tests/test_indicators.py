@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from medsec.attacks import AttackSpec, Criterion, Objective, logits_forward, margin, run_attack
 from medsec.attacks.steps import checkpoints
+from medsec.errors import MedsecError
 from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import clopper_pearson
 from medsec.evaluation.diagnostics import gradient_killed
@@ -189,3 +190,37 @@ def test_unconstrained_attack_fails_only_where_the_attack_is_broken(trained, blo
 def test_clopper_pearson_matches_the_exact_interval(k, n, low, high):
     lo, hi = clopper_pearson(k, n)
     assert lo == pytest.approx(low, abs=1e-4) and hi == pytest.approx(high, abs=1e-4)
+
+
+class _Smoothness:
+    """Flags images rougher (mean absolute neighbour difference) than ``limit``: a stand-in
+    for the detectors a uniform-noise image trips."""
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+
+    @staticmethod
+    def roughness(x: Tensor) -> Tensor:
+        return (x[..., 1:] - x[..., :-1]).abs().flatten(1).mean(1)
+
+    def flags(self, x: Tensor) -> Tensor:
+        return self.roughness(x) > self.limit
+
+
+def test_unconstrained_run_takes_the_bounded_steps_from_the_clean_image(trained, blob_data):
+    victim, _ = trained
+    x, y = _correct(victim, *_xy(blob_data, 40))
+    guard = _Smoothness(2 * float(_Smoothness.roughness(x).max()))
+    bounded = AttackSpec("m", 16 / 255, steps=20, loss="margin")
+    free = bounded.unconstrained()
+    assert (free.eps, free.random_start) == (1.0, False)
+    assert free.alpha == pytest.approx(bounded.alpha)
+    with pytest.raises(MedsecError):
+        replace(bounded, step_rule="apgd").unconstrained()
+
+    def asr(spec: AttackSpec) -> float:
+        return float(run_attack(victim, x, y, spec, detector=guard, seed=0).success.float().mean())
+
+    wide = replace(bounded, eps=1.0)  # steps scaled to eps = 1, from a uniform-noise start
+    assert ind.unconstrained(asr(wide), len(x)).passed is False  # measured 0.49
+    assert ind.unconstrained(asr(free), len(x)).passed

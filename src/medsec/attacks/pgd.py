@@ -88,6 +88,25 @@ class AttackSpec:
         factors = self.restart_step_factors or (self.step_factor,)
         return factors[restart % len(factors)] * self.eps / self.steps
 
+    def unconstrained(self) -> AttackSpec:
+        """This attack with its eps constraint removed (eps = 1: any image reachable), the
+        check of Pintor et al. 2022: the same steps in pixel units, from the clean image.
+
+        Steps that scale with eps would be 0.08 wide from a uniform-noise start at eps = 1,
+        which every detector flags: measured (full profile), MGM 0.000 and deep features
+        0.70 at eps = 1 against 1.000 at 4/255. That measures the start, not whether the
+        objective can be optimised. APGD's step is relative to eps by design: not defined.
+        """
+        if self.step_rule != "pgd" or self.eps <= 0:
+            raise MedsecError("an unconstrained run needs a bounded PGD attack to take steps from")
+        return replace(
+            self,
+            eps=1.0,
+            random_start=False,
+            step_factor=self.step_factor * self.eps,
+            restart_step_factors=tuple(f * self.eps for f in self.restart_step_factors),
+        )
+
     def record(self) -> dict[str, Any]:
         """Everything needed to rerun it, for result files (inf written as a string)."""
         rec = asdict(self)

@@ -366,7 +366,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
     grid = sorted({e for _, e in results})
     top = max(grid)
     by_eps = {e: results[("adaptive", e)].get("indicators", []) for e in grid}
-    by_eps[top] = by_eps[top] + [validity.unconstrained(ctx, name, get(top), x, y)]
+    by_eps[top] = by_eps[top] + [validity.unconstrained(ctx, name, get(top), x, y, top)]
     add_indicator_checks(ctx, name, by_eps)
     plain = {e: max((results[(a, e)]["row"] for a in ATTACKS), key=_joint) for e in grid}
     gains = {e: r["victim_fooled_rate"] - _joint(r) for e, r in plain.items()}

@@ -34,9 +34,11 @@ def informed_attack(
     y: Tensor,
     eps: float,
     start: tuple[Tensor, Tensor] | None = None,
+    unconstrained: bool = False,
 ) -> LadderResult:
     """The informed attacker against fitted detector ``f``: the lambda ladder (targeted
-    margin(kappa) + the detector terms) at the attacker's aim, ``start`` = plain results."""
+    margin(kappa) + the detector terms) at the attacker's aim, ``start`` = plain results;
+    ``unconstrained``: the same attack with its eps constraint removed."""
     spec = AttackSpec(
         f"adaptive-{name}",
         eps,
@@ -45,6 +47,8 @@ def informed_attack(
         kappa=KAPPA,
         targeted=True,
     )
+    if unconstrained:
+        spec = spec.unconstrained()
     return lambda_ladder_attack(
         ctx.victim,
         f.detector,
@@ -78,17 +82,21 @@ def indicators(
     return [i.record() for i in found]
 
 
-def unconstrained(ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor) -> dict[str, Any]:
-    """The adaptive attack with eps = 1 (any image reachable), detector included, on the
-    first ``N_UNBOUNDED`` attacked images."""
+def unconstrained(
+    ctx: StudyContext, name: str, f: Any, x: Tensor, y: Tensor, eps: float
+) -> dict[str, Any]:
+    """The adaptive attack at ``eps`` with its constraint removed (eps = 1, any image
+    reachable; steps as at ``eps``), detector included, on the first ``N_UNBOUNDED``
+    attacked images."""
     xs, ys = x[:N_UNBOUNDED], y[:N_UNBOUNDED]
 
     def compute() -> dict[str, Any]:
-        res = informed_attack(ctx, name, f, xs, ys, 1.0)
+        res = informed_attack(ctx, name, f, xs, ys, eps, unconstrained=True)
         return {"asr": float(res.success.float().mean()), "n": len(xs)}
 
     key = {"defence": name, "what": "adaptive-unbounded", "eps_255": 255, "n": len(xs)}
     key.update(steps=ctx.profile.detection_steps, lambdas=LAMBDAS, kappa=KAPPA)
+    key.update(steps_of_eps_255=round(eps * 255, 4), start="clean image")
     cell = ctx.cell(key, compute)
     return ind.unconstrained(cell["asr"], cell["n"]).record()
 

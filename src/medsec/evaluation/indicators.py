@@ -159,7 +159,8 @@ def unconstrained(asr: float, n: int) -> Indicator:
         asr >= UNBOUNDED_ASR,
         asr,
         f">= {UNBOUNDED_ASR}",
-        f"the same attack at eps = 1 (any image reachable) on {n} images: ASR {asr:.3f}",
+        f"the same attack at eps = 1 (any image reachable; its steps in pixel units, from the "
+        f"clean image) on {n} images: ASR {asr:.3f}",
     )
 
 

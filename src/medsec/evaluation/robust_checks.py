@@ -226,7 +226,7 @@ def diagnostics(
         )["asr"]
         for s in SWEEP
     }
-    unbounded = run(spec_for(dep, 1.0), x, y, idx, "diag-unbounded")  # the same attack
+    unbounded = run(base.unconstrained(), x, y, idx, "diag-unbounded")
     main_sub = float(np.mean(f.adaptive[f.eps4]["success"][: len(x)]))
     path = ctx.figure_path(f"robust-{f.name}-loss-sweep.png")
     diag.plot_loss_and_sweep(
