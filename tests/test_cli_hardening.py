@@ -17,6 +17,7 @@ import medsec.models
 from medsec import cli
 from medsec.cli import main
 from medsec.evaluation import cli as eval_cli
+from medsec.evaluation import executor as ex
 from medsec.evaluation import study
 from medsec.models import create_model, save_checkpoint
 from medsec.utils import sha256_bytes
@@ -108,7 +109,7 @@ def test_reproduce_refuses_a_users_directory_and_resumes_its_own(tmp_path, capsy
 
     new = tmp_path / "new" / "run"  # a new directory is claimed: the marker is written first
     assert run(["reproduce", "--out", new], capsys)[0] == 0
-    assert (new / eval_cli.RUN_MARKER).is_file() and calls == [new]
+    assert (new / ex.RUN_MARKER).is_file() and calls == [new]
     (new / "cells").mkdir()
     (new / "report.md").write_text("from the first run\n")
     assert run(["reproduce", "--out", new], capsys)[0] == 0  # resumed
@@ -118,7 +119,7 @@ def test_reproduce_refuses_a_users_directory_and_resumes_its_own(tmp_path, capsy
     (older / "cells").mkdir(parents=True)
     (older / "metrics.json").write_text("{}")
     assert run(["reproduce", "--out", older], capsys)[0] == 0
-    assert (older / eval_cli.RUN_MARKER).is_file()
+    assert (older / ex.RUN_MARKER).is_file()
 
 
 # ---------------------------------------------------------------- item 5: tracebacks

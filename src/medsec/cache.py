@@ -9,13 +9,15 @@ artefact is stored with its record; a damaged one is retrained.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import math
 import pickle
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,23 @@ def read_cell(path: Path, key: dict[str, Any]) -> tuple[Any, str | None]:
     return stored["result"], None
 
 
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock for making ``path``: workers of a distributed run that need the
+    same cell or artefact wait for the first one instead of computing it twice (callers read
+    the cache again once they hold the lock). The lock file is removed afterwards; one
+    opened before the removal still serialises, and its holder then finds the result."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def cached_cell(
     path: Path,
     key: dict[str, Any],
@@ -81,10 +100,14 @@ def cached_cell(
     result, why = read_cell(path, key)
     if why is None:
         return result, False
-    if why != "absent" and warn is not None:
-        warn(f"cell {path.name} {why}: recomputing")
-    result = jsonable(compute())
-    atomic_write_json(path, {"key": key, "result": result, "sha256": digest(result)})
+    with exclusive(path):
+        result, why = read_cell(path, key)  # another worker may have made it meanwhile
+        if why is None:
+            return result, False
+        if why != "absent" and warn is not None:
+            warn(f"cell {path.name} {why}: recomputing")
+        result = jsonable(compute())
+        atomic_write_json(path, {"key": key, "result": result, "sha256": digest(result)})
     return result, True
 
 
@@ -110,32 +133,54 @@ class ArtifactStore:
         ``name`` must hold every setting that changes the weights (the tag is prepended).
         """
         path = self.path(f"{name}-{self.tag}.pt")
-        meta_path = path.with_suffix(".json")
-        if path.exists() and meta_path.exists():
-            try:
-                model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-                meta = json.loads(meta_path.read_text())
-                model.eval()
-                return meta | {"cached": True, "artifact": path.name}
-            except LOAD_ERRORS:  # (JSON and Unicode errors are ValueErrors)
-                pass  # damaged: retrain below
-        meta = train()
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        atomic_write_bytes(path, buf.getvalue())
-        atomic_write_json(meta_path, meta)
-        return meta | {"cached": False, "artifact": path.name}
+        meta = _load_trained(model, path)
+        if meta is None:
+            with exclusive(path):
+                meta = _load_trained(model, path)  # another worker may have trained it
+                if meta is None:
+                    meta = train()
+                    buf = io.BytesIO()
+                    torch.save(model.state_dict(), buf)
+                    atomic_write_bytes(path, buf.getvalue())
+                    atomic_write_json(path.with_suffix(".json"), meta)
+                    return meta | {"cached": False, "artifact": path.name}
+        return meta | {"cached": True, "artifact": path.name}
 
     def tensors(self, name: str, make: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
         """Tensors cached as artefact ``name`` (e.g. adversarial fit sets); damaged -> remade."""
         path = self.path(f"{self.tag}/{name}.pt")
-        if path.exists():
-            try:
-                return torch.load(path, weights_only=True)
-            except LOAD_ERRORS:
-                pass  # damaged: remade below
-        blob = make()
-        buf = io.BytesIO()
-        torch.save(blob, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        blob = _load_tensors(path)
+        if blob is None:
+            with exclusive(path):
+                blob = _load_tensors(path)  # another worker may have made it
+                if blob is None:
+                    blob = make()
+                    buf = io.BytesIO()
+                    torch.save(blob, buf)
+                    atomic_write_bytes(path, buf.getvalue())
         return blob
+
+
+def _load_trained(model: nn.Module, path: Path) -> dict[str, Any] | None:
+    """The record of a sound trained artefact, its weights loaded into ``model``; None if
+    absent or damaged (then it is retrained)."""
+    meta_path = path.with_suffix(".json")
+    if not (path.exists() and meta_path.exists()):
+        return None
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        meta = json.loads(meta_path.read_text())
+    except LOAD_ERRORS:  # (JSON and Unicode errors are ValueErrors)
+        return None
+    model.eval()
+    return meta
+
+
+def _load_tensors(path: Path) -> dict[str, Tensor] | None:
+    """Cached tensors, or None if absent or damaged (then they are remade)."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except LOAD_ERRORS:
+        return None

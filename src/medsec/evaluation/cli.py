@@ -1,4 +1,4 @@
-"""Verbs `data`, `train`, `attack`, `reproduce`."""
+"""Verbs `data`, `train`, `attack`, `reproduce`, `grid`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from medsec.cliargs import device_name, parse_eps, positive_int, seed_value
+from medsec.cliargs import (
+    device_name,
+    non_negative_float,
+    parse_eps,
+    positive_int,
+    seed_value,
+)
 from medsec.errors import MedsecError
 from medsec.paths import check_output_file, claim_run_dir
 
@@ -156,46 +162,84 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
-RUN_MARKER = ".medsec-run"  # written first into a reproduce --out directory: "this is ours"
-_RUN_NAMES = {
-    "cells",
-    "artifacts",
-    "figures",
-    "report.md",
-    "report.html",
-    "metrics.json",
-    "metrics.csv",
-}
-
-
-def _is_older_run(out: Path) -> bool:
-    """A run made before the marker existed: a cells/ cache and only what a run writes."""
-    return (out / "cells").is_dir() and all(p.name in _RUN_NAMES for p in out.iterdir())
-
-
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    import medsec
-    from medsec.evaluation.study import reproduce, resolve_defences
+    from medsec.evaluation import executor as ex
+    from medsec.evaluation.context import PROFILES
+    from medsec.evaluation.grid import absolute
 
-    resolve_defences(args.defences)  # a typo is refused before the directory is claimed
-    out = claim_run_dir(
-        args.out,
-        RUN_MARKER,
-        record={"format": "medsec-run/1", "medsec": medsec.__version__},
-        is_older_run=_is_older_run,
+    base = Path.cwd()
+    defences = ",".join(absolute(d.strip(), base) for d in args.defences.split(",") if d.strip())
+    study = ex.Study(
+        Path(args.out),
+        absolute(args.dataset, base),
+        defences or args.defences,
+        args.arch,
+        args.seed,
+        PROFILES[args.profile],
     )
-    report = reproduce(
-        out,
-        profile_name=args.profile,
-        dataset=args.dataset,
-        defences=args.defences,
-        arch=args.arch,
-        device=_device(args),
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    study.entries()  # a typo is refused before the directory is claimed
+    ex.claim_study_dir(study.out)
+    if args.executor == "ray":
+        (report,), tasks = ex.run_ray(
+            [study],
+            address=args.ray_address,
+            cpus_per_task=args.cpus_per_task,
+            gpus_per_task=args.gpus_per_task,
+            progress=not args.no_progress,
+        )
+        print(ex.format_summary(ex.worker_summary(tasks)), file=sys.stderr)
+    else:
+        (report,) = ex.run_serial([study], _device(args), not args.no_progress)
     print(f"report: {report} (also report.html, metrics.json, metrics.csv, figures/)")
     return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from medsec.evaluation.grid import GRID_MARKER, load_config, run_grid
+
+    cfg = load_config(Path(args.config))
+    out = claim_run_dir(args.out, GRID_MARKER, record={"format": "medsec-grid/1"})
+    report = run_grid(
+        cfg,
+        out,
+        executor=args.executor,
+        address=args.ray_address,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        device=_device(args),
+        progress=not args.no_progress,
+    )
+    print(f"grid report: {report} (also grid.json; each study's report in its folder)")
+    return 0
+
+
+def _executor_options(p: argparse.ArgumentParser) -> None:
+    from medsec.evaluation.executor import EXECUTORS
+
+    p.add_argument(
+        "--executor",
+        default="serial",
+        choices=EXECUTORS,
+        help="serial: this process (default); ray: Ray tasks, local or on a cluster",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="a running Ray cluster (e.g. HEAD:6379 or 'auto'); default: a local Ray instance",
+    )
+    p.add_argument(
+        "--cpus-per-task",
+        type=positive_int,
+        help="CPUs (= torch threads) of each Ray task; default: this machine's torch threads, "
+        "which gives the serial run's results bit for bit (fewer: more tasks at once, "
+        "results equal up to float rounding in training)",
+    )
+    p.add_argument(
+        "--gpus-per-task",
+        type=non_negative_float,
+        default=0.0,
+        help="GPUs of each Ray task (0: CPU only; a fraction shares a GPU)",
+    )
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -256,5 +300,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--arch", default="small-cnn", choices=list_models())
     p.add_argument("--out", default="results", help="output directory (default: results)")
+    _executor_options(p)
     _common(p)
     p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser(
+        "grid",
+        help="one study per data set x architecture x seed, then a combined report",
+        description="Run the study for every combination in a TOML config (profile, "
+        "datasets, archs, defences, seeds), each in its own folder under --out, then write "
+        "grid.md/grid.json: verdicts and adaptive ASRs with intervals across them. "
+        "Rerunning continues where a killed run stopped.",
+    )
+    p.add_argument("--config", required=True, help="grid.toml")
+    p.add_argument("--out", required=True, help="output directory of the grid")
+    _executor_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_grid)

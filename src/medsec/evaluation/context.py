@@ -205,6 +205,7 @@ class StudyContext:
     figures: list[Figure] = field(default_factory=list)
     notes: list[Note] = field(default_factory=list)
     headlines: list[dict[str, Any]] = field(default_factory=list)  # one per judged defence
+    computed: int = 0  # cells computed (not read from the cache) by this process
 
     @property
     def precision(self) -> str:
@@ -241,6 +242,7 @@ class StudyContext:
 
         result, computed = cached_cell(path, key, seeded, warn=self.log)
         if computed:
+            self.computed += 1
             self.log(f"{name}: {_headline(result)}{time.perf_counter() - t0:.1f} s")
         return result
 
