@@ -140,6 +140,7 @@ def test_a_grid_of_two_data_sets_on_ray_resumes_locally(local_ray, blobs, tmp_pa
     assert all(s["headline"][0]["defence"] == "masking-fixture" for s in first["studies"])
     table = report.read_text()
     assert "masking-fixture" in table and "/ small-cnn / s0" in table
+    assert "(grid.png)" in table and (out / "grid.png").stat().st_size > 0
     assert first["workers"] and sum(w["tasks"] for w in first["workers"]) == 2 + 2 * 2 + 2
 
     stored = {p: p.read_bytes() for p in out.rglob("cells/*.json")}

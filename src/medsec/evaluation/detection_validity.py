@@ -70,7 +70,7 @@ def indicators(
     is the deployed detector itself, at a stricter aim, so there is no view to transfer
     from)."""
     spread = ind.objective_spread(
-        ctx.victim, x, res.x_adv, y, seed=ctx.seed, batch_size=ctx.profile.batch_size
+        ctx.victim, x, res.x_adv, y, res.spec.eps, seed=ctx.seed, batch_size=ctx.profile.batch_size
     )
     found = [
         ind.silent_success(res.loop_success, final),

@@ -141,13 +141,13 @@ def victim_task(study: Study, res: Resources) -> TaskReport:
 
 def entry_task(study: Study, entry: str, res: Resources) -> TaskReport:
     """Stage 2: compute one defence entry's cells into the study's cache."""
-    from medsec.evaluation.study import EVALUATORS, resolve_defences
+    from medsec.evaluation.study import evaluate_entry, resolve_defences
 
     device = res.enter()
     t0 = time.perf_counter()
     ctx = _context(study, device)
     (defence,) = resolve_defences(entry)
-    EVALUATORS[defence.family](ctx, defence)
+    evaluate_entry(ctx, defence)
     return TaskReport(f"{entry} {study.label()}", _here(), time.perf_counter() - t0, ctx.computed)
 
 

@@ -123,3 +123,27 @@ def plot_headline(
     first.invert_yaxis()
     first.legend(fontsize=7, loc="lower right")
     save(fig, path)
+
+
+def plot_verdict_grid(
+    path: Path,
+    defences: Sequence[str],
+    studies: Sequence[str],
+    cells: dict[tuple[int, int], tuple[float, float, str]],
+) -> None:
+    """A grid study in one picture: per defence (row) and study (column), the adaptive ASR
+    minus the undefended victim's (0: no gain left; blue: the defence keeps a gain), with
+    the verdict. ``cells[(row, col)] = (adaptive ASR, undefended ASR, verdict)``."""
+    gap = np.full((len(defences), len(studies)), np.nan)
+    for (r, c), (adaptive, undefended, _) in cells.items():
+        gap[r, c] = adaptive - undefended
+    fig, ax = plt.subplots(
+        figsize=(2.1 * len(studies) + 2.5, 0.5 * len(defences) + 1.5), squeeze=True
+    )
+    im = ax.imshow(gap, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
+    for (r, c), (adaptive, _, verdict) in cells.items():
+        ax.text(c, r, f"{verdict}\n{adaptive:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(studies)), studies, rotation=20, ha="right", fontsize=8)
+    ax.set_yticks(range(len(defences)), defences, fontsize=8)
+    fig.colorbar(im, ax=ax, label="adaptive ASR - undefended ASR")
+    save(fig, path)

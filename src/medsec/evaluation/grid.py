@@ -25,6 +25,7 @@ from medsec.cache import slug
 from medsec.errors import MedsecError
 from medsec.evaluation.context import PROFILES, Profile
 from medsec.evaluation.executor import Study
+from medsec.evaluation.figures import plot_verdict_grid
 from medsec.utils import atomic_write_json, atomic_write_text
 
 GRID_MARKER = ".medsec-grid"
@@ -166,6 +167,15 @@ def combine(studies: list[Study], out: Path, record: dict[str, Any]) -> tuple[Pa
             for name in defences
         ),
     ]
+    if defences:
+        judged = {
+            (r, c): (h["adaptive_asr"], h["undefended_asr"], h["verdict"])
+            for r, name in enumerate(defences)
+            for c, d in enumerate(done)
+            for h in d["headline"]
+            if h["defence"] == name
+        }
+        plot_verdict_grid(out / "grid.png", defences, header[1:], judged)
     result = {**record, "studies": done}
     atomic_write_json(out / "grid.json", result)
     lines = [
@@ -180,6 +190,8 @@ def combine(studies: list[Study], out: Path, record: dict[str, Any]) -> tuple[Pa
         "|" + "|".join("---" for _ in header) + "|",
         *("| " + " | ".join(r) + " |" for r in rows),
     ]
+    if defences:
+        lines += ["", "![adaptive ASR minus the undefended victim's, per study](grid.png)"]
     if record.get("workers"):
         lines += ["", "## Workers", "", "```", record["workers_text"], "```"]
     path = out / "grid.md"

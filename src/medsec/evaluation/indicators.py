@@ -15,9 +15,10 @@ unconstrained attack, which must reach ``UNBOUNDED_ASR``:
   average) but fail on the deployed pipeline (not applicable when they are the same);
 - unavailable gradients: images whose input gradient was zero or non-finite on at least
   ``BAD_STEPS`` of their steps;
-- unstable predictions: images whose objective under repeated calls and tiny input noise
-  varies by more than ``NOISE_SPREAD`` of the distance the attack had to cover; a
-  randomised pipeline attacked with EOT and majority re-evaluation counts as mitigated;
+- unstable predictions: images whose objective under repeated calls and input noise (1/8
+  of the attack's eps) varies by more than ``NOISE_SPREAD`` of the distance the attack had
+  to cover; a randomised pipeline attacked with EOT and majority re-evaluation counts as
+  mitigated;
 - unconstrained attack failure: the same attack with eps = 1 (any image reachable) must
   reach ~100%, detectors included.
 """
@@ -41,7 +42,11 @@ TOLERANCE = 0.05
 LATE_SHARE = 0.25
 BAD_STEPS = 0.10
 NOISE_SPREAD = 0.10
-NOISE = 0.5 / 255  # tiny input noise (uniform +-), well below every study budget
+# Input noise (uniform +-) for the objective's spread, as a share of the attack's eps: the
+# spread of a smooth objective under noise, relative to what the attack moved it, scales as
+# noise / eps, so a fixed noise (0.5/255 before) judged the budget, not the stability: it
+# passed every detector at 4/255 (<= 0.008) and failed all of them at 1/255 (0.21-0.24).
+NOISE_SHARE = 1 / 8
 NOISE_DRAWS = 4
 UNBOUNDED_ASR = 0.99
 
@@ -147,8 +152,9 @@ def unstable(spread: Tensor, mitigated: bool) -> Indicator:
         ok or mitigated,
         v,
         f"<= {TOLERANCE} (or EOT + majority re-evaluation)",
-        f"{int(shaky.sum())} images: the objective under repeated calls and +-{NOISE * 255:g}/255 "
-        f"noise spreads by > {NOISE_SPREAD:.0%} of the distance the attack had to cover"
+        f"{int(shaky.sum())} images: the objective under repeated calls and uniform noise of "
+        f"+-{NOISE_SHARE:g} eps spreads by > {NOISE_SPREAD:.0%} of the distance the attack "
+        "had to cover"
         + ("" if ok else "; mitigated by EOT and majority re-evaluation" if mitigated else ""),
     )
 
@@ -180,12 +186,15 @@ def objective_spread(
     x: Tensor,
     x_adv: Tensor,
     y: Tensor,
+    eps: float,
     *,
     seed: int = 0,
     batch_size: int = 250,
 ) -> Tensor:
-    """Per image: spread (max - min) of the margin at ``x_adv`` over repeated calls with tiny
-    input noise, relative to how far the attack moved the margin from the clean image."""
+    """Per image: spread (max - min) of the margin at ``x_adv`` over repeated calls with
+    input noise of ``NOISE_SHARE`` of the attack's ``eps``, relative to how far the attack
+    moved the margin from the clean image."""
+    noise = NOISE_SHARE * eps
     gen = torch.Generator().manual_seed(seed)
     device = next(iter(pipeline.parameters()), torch.empty(0)).device
     out = []
@@ -194,7 +203,7 @@ def objective_spread(
         draws = []
         for _ in range(NOISE_DRAWS):
             u = torch.rand(ab.shape, generator=gen).to(device)
-            draws.append(margin_of(pipeline, (ab + (2 * u - 1) * NOISE).clamp(0, 1), yb))
+            draws.append(margin_of(pipeline, (ab + (2 * u - 1) * noise).clamp(0, 1), yb))
         m = torch.stack(draws)
         covered = (margin_of(pipeline, ab, yb) - margin_of(pipeline, xb, yb)).abs()
         out.append(((m.amax(0) - m.amin(0)) / covered.clamp_min(1e-6)).cpu())
@@ -263,7 +272,8 @@ def of_run(
         view = view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs)
     if dep.reseed is not None:
         dep.reseed(ctx.seed)
-    spread = objective_spread(dep.pipeline, x, res.x_adv, y, seed=ctx.seed, batch_size=bs)
+    eps = res.spec.eps
+    spread = objective_spread(dep.pipeline, x, res.x_adv, y, eps, seed=ctx.seed, batch_size=bs)
     found = [
         silent_success(res.success, final),
         incomplete(res.late_gain, final),

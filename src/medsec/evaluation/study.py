@@ -96,6 +96,19 @@ def resolve_defences(spec: str | None) -> list[Defence]:
     return sorted(chosen, key=lambda d: order.index(d.family))
 
 
+def evaluate_entry(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
+    """One entry's rows through its family's evaluator; a plug-in's own failure becomes a
+    one-line error naming it (a bug of ours keeps its traceback)."""
+    try:
+        return EVALUATORS[defence.family](ctx, defence)
+    except (MedsecError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if defence.__module__.startswith("medsec."):
+            raise
+        raise MedsecError(f"plug-in {defence.name!r} failed: {exc!r}") from exc
+
+
 def reproduce(
     out: Path,
     *,
@@ -135,14 +148,7 @@ def reproduce(
         name = defence.name
         t0 = time.perf_counter()
         ctx.log(f"{name}: starting")
-        try:
-            rows += EVALUATORS[defence.family](ctx, defence)
-        except (MedsecError, KeyboardInterrupt):
-            raise
-        except Exception as exc:
-            if defence.__module__.startswith("medsec."):
-                raise  # a bug of ours: keep the traceback
-            raise MedsecError(f"plug-in {name!r} failed: {exc!r}") from exc
+        rows += evaluate_entry(ctx, defence)
         timings[name] = time.perf_counter() - t0
         ctx.log(f"{name}: done in {timings[name]:.0f} s ({len(names)} entries in all)")
     from medsec.evaluation.report import write_report
