@@ -39,9 +39,9 @@ from medsec.defences.detection.adaptive import (
 from medsec.errors import MedsecError
 from medsec.evaluation import detection_validity as validity
 from medsec.evaluation import headline
+from medsec.evaluation import indicators as ind
 from medsec.evaluation.context import StudyContext, make_row
 from medsec.evaluation.detection_report import COMMON_NOTE, N_FIT, auc, report, two_sided_tpr
-from medsec.evaluation.indicators import add_checks as add_indicator_checks
 
 FAMILY = "detection"
 ATTACKS = ("fgsm", "bim", "pgd-20", "cw-linf")
@@ -358,6 +358,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
             "lambdas": LAMBDAS,
             "kappa": KAPPA,
             "terms": "hinged, gated on target class",
+            "indicators": ind.SETTINGS,
             "aim_quantile": AIM_QUANTILE,
             "hinge_slack": HINGE_SLACK,
         }
@@ -367,7 +368,7 @@ def evaluate_detection(ctx: StudyContext, defence: Defence) -> list[dict[str, An
     top = max(grid)
     by_eps = {e: results[("adaptive", e)].get("indicators", []) for e in grid}
     by_eps[top] = by_eps[top] + [validity.unconstrained(ctx, name, get(top), x, y, top)]
-    add_indicator_checks(ctx, name, by_eps)
+    ind.add_checks(ctx, name, by_eps)
     plain = {e: max((results[(a, e)]["row"] for a in ATTACKS), key=_joint) for e in grid}
     gains = {e: r["victim_fooled_rate"] - _joint(r) for e, r in plain.items()}
     w, why = headline.working_budget(work, gains, top)

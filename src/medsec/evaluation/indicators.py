@@ -49,6 +49,15 @@ NOISE_SPREAD = 0.10
 NOISE_SHARE = 1 / 8
 NOISE_DRAWS = 4
 UNBOUNDED_ASR = 0.99
+# in the key of every cell that stores indicators: a changed rule recomputes them
+SETTINGS = {
+    "tolerance": TOLERANCE,
+    "late_share": LATE_SHARE,
+    "bad_steps": BAD_STEPS,
+    "noise_spread": NOISE_SPREAD,
+    "noise_share_of_eps": NOISE_SHARE,
+    "noise_draws": NOISE_DRAWS,
+}
 
 NAMES = (
     "silent success",

@@ -184,6 +184,8 @@ def attack_cell(
 
     key = {"defence": name, "what": what, "n": len(x), **spec_key(spec)}
     key.update(train=train_id(dep), eot=dep.eot, repeats=dep.repeats, bpda=dep.bpda)
+    if adaptive:
+        key["indicators"] = ind.SETTINGS
     return ctx.cell(key, compute)
 
 
