@@ -171,3 +171,36 @@ def test_a_bad_grid_config_is_one_line_and_nothing_is_claimed(tmp_path, capsys, 
     err = capsys.readouterr().err
     assert code != 0 and says in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--cpus-per-task", "2"], "--cpus-per-task: only with --executor ray"),
+        (["--ray-address", "auto", "--gpus-per-task", "1"], "--ray-address, --gpus-per-task"),
+        (["--executor", "ray", "--device", "cpu"], "--device does not apply"),
+    ],
+)
+def test_options_of_the_other_executor_are_refused(tmp_path, capsys, argv, says):
+    out = tmp_path / "out"
+    code = main(["reproduce", "--out", str(out), "--no-progress", *argv])
+    err = capsys.readouterr().err
+    assert code != 0 and says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_a_gpu_count_that_is_no_number_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(
+            [
+                "reproduce",
+                "--out",
+                str(tmp_path / "o"),
+                "--executor",
+                "ray",
+                "--gpus-per-task",
+                "nan",
+            ]
+        )
+    assert stop.value.code == 2 and "must be a finite number >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

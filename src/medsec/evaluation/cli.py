@@ -29,14 +29,15 @@ def _device(args: argparse.Namespace):
     return resolve_device(args.device)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument(
         "--device",
         type=device_name,
         default="auto",
         help="auto (CUDA when present) | cpu | cuda[:N]",
     )
-    p.add_argument("--seed", type=seed_value, default=0)
+    if seed:
+        p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -177,6 +178,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         args.seed,
         PROFILES[args.profile],
     )
+    _check_executor(args)
     study.entries()  # a typo is refused before the directory is claimed
     ex.claim_study_dir(study.out)
     if args.executor == "ray":
@@ -197,6 +199,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from medsec.evaluation.grid import GRID_MARKER, load_config, run_grid
 
+    _check_executor(args)
     cfg = load_config(Path(args.config))
     out = claim_run_dir(args.out, GRID_MARKER, record={"format": "medsec-grid/1"})
     report = run_grid(
@@ -211,6 +214,23 @@ def cmd_grid(args: argparse.Namespace) -> int:
     )
     print(f"grid report: {report} (also grid.json; each study's report in its folder)")
     return 0
+
+
+def _check_executor(args: argparse.Namespace) -> None:
+    """Options of the other executor are refused, never silently ignored."""
+    if args.executor != "ray":
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("ray_address", "cpus_per_task")
+            if getattr(args, name) is not None
+        ] + (["--gpus-per-task"] if args.gpus_per_task else [])
+        if given:
+            raise MedsecError(f"{', '.join(given)}: only with --executor ray")
+    elif args.device != "auto":
+        raise MedsecError(
+            "with --executor ray each task's device is CPU, or CUDA when --gpus-per-task > 0; "
+            "--device does not apply"
+        )
 
 
 def _executor_options(p: argparse.ArgumentParser) -> None:
@@ -315,5 +335,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="grid.toml")
     p.add_argument("--out", required=True, help="output directory of the grid")
     _executor_options(p)
-    _common(p)
+    _common(p, seed=False)  # the seeds are the config's
     p.set_defaults(func=cmd_grid)
