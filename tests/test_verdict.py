@@ -35,6 +35,18 @@ def test_broken_partly_robust_and_inconclusive():
     assert verdict("other", [_row(0.97, 1.0)], []) is None  # not judged: no rows
 
 
+def test_a_check_that_could_not_be_run_is_missing_evidence_not_a_failure():
+    """An infeasible binarization test (passed None) leaves "broken" standing (the attack's
+    successes are the evidence) but cannot support "partly robust"."""
+    not_run = [Check("d: binarization test", None, "nothing feasible", "d", "validity")]
+    broken = verdict("d", [_row(0.97, 1.0)], not_run)
+    assert broken.label == "broken" and "could not be run: d: binarization test" in broken.reason
+    kept = verdict("d", [_row(0.50, 1.0)], not_run)
+    assert kept.label == "inconclusive" and "missing" in kept.reason
+    failed = not_run + [Check("d: indicator: silent success", False, "", "d", "validity")]
+    assert "validity checks failed" in verdict("d", [_row(0.97, 1.0)], failed).reason
+
+
 class _Ctx:
     def __init__(self) -> None:
         self.checks: list[tuple[str, bool]] = []

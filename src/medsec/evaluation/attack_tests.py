@@ -70,7 +70,7 @@ def binarization(
     rate = bt["pass_rate"]
     ctx.add_check(
         f"{name}: binarization test of the adaptive attack (pass rate >= {PASS_RATE})",
-        bool(bt["passed_threshold"]),
+        bt["passed_threshold"],  # None: no image feasible, the test could not be run
         f"at {eps * 255:g}/255: {bt['n_tested']} of {bt['n_images']} images feasible "
         f"({bt['n_infeasible']} infeasible); the attack found the planted adversarial "
         + ("on none (nothing feasible)" if rate is None else f"on {rate:.3f}")

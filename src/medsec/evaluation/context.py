@@ -75,10 +75,12 @@ class Check:
 
     ``validity``: the evaluation of this defence can be trusted (the attack did not fail for
     a trivial reason); a defence with a failed validity check gets the verdict
-    "inconclusive". ``outcome``: what the study found (a target met or not)."""
+    "inconclusive". ``outcome``: what the study found (a target met or not). ``passed``
+    None: the check could not be run (e.g. no image where a binarization test is feasible):
+    missing evidence, not a failure (see medsec.evaluation.verdict)."""
 
     name: str
-    passed: bool
+    passed: bool | None
     detail: str
     defence: str = "none"
     kind: str = "validity"
@@ -362,7 +364,7 @@ class StudyContext:
     def add_check(
         self,
         name: str,
-        passed: bool,
+        passed: bool | None,
         detail: str,
         *,
         kind: str,
@@ -374,7 +376,15 @@ class StudyContext:
         if kind not in CHECK_KINDS:
             raise ValueError(f"kind must be one of {CHECK_KINDS}")
         self.checks.append(
-            Check(name, bool(passed), detail, defence, kind, jsonable(measured), expected)
+            Check(
+                name,
+                None if passed is None else bool(passed),
+                detail,
+                defence,
+                kind,
+                jsonable(measured),
+                expected,
+            )
         )
 
     def figure_path(self, name: str) -> Path:

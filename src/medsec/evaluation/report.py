@@ -37,15 +37,22 @@ def _stages(record: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.0f} s" for k, v in parts.items() if k != "defences")
 
 
+def result(c: Any) -> str:
+    """PASS, FAIL, or NOT RUN (a check that could not be run: missing evidence)."""
+    return "NOT RUN" if c.passed is None else "PASS" if c.passed else "FAIL"
+
+
+def _not_run(checks: list[Any]) -> str:
+    n = sum(c.passed is None for c in checks)
+    return f", {n} could not be run" if n else ""
+
+
 def _check_table(checks: list[Any]) -> Block:
     return (
         "table",
         {
             "header": ["check", "result", "measured", "expected"],
-            "rows": [
-                [c.name, "PASS" if c.passed else "FAIL", fmt(c.measured), c.expected or "-"]
-                for c in checks
-            ],
+            "rows": [[c.name, result(c), fmt(c.measured), c.expected or "-"] for c in checks],
         },
     )
 
@@ -58,9 +65,9 @@ def _validity_blocks(ctx: StudyContext, name: str, rows: list[dict[str, Any]]) -
     outcome = [c for c in own if c.kind == "outcome"]
     blocks: list[Block] = []
     if validity:
-        passed = sum(c.passed for c in validity)
+        passed = sum(c.passed is True for c in validity)
         blocks += [
-            ("p", f"Validity panel: {passed}/{len(validity)} checks pass."),
+            ("p", f"Validity panel: {passed}/{len(validity)} checks pass{_not_run(validity)}."),
             _check_table(validity),
         ]
     found = verdict(name, rows, ctx.checks)
@@ -123,11 +130,11 @@ def _summary(ctx: StudyContext, rows: list[dict[str, Any]]) -> list[str]:
         lines.append(f"`{name}` under the adaptive attack at 4/255: ASR {asr:.1%}.")
     lines += [f"`{v.defence}`: {v.label} ({v.reason})." for v in verdicts(rows, ctx.checks)]
     gate = [c for c in ctx.checks if c.defence == "signature-gate"]
-    lines += [f"{c.name}: {'PASS' if c.passed else 'FAIL'} ({c.detail})." for c in gate]
+    lines += [f"{c.name}: {result(c)} ({c.detail})." for c in gate]
     validity = [c for c in ctx.checks if c.kind == "validity"]
-    passed = sum(c.passed for c in validity)
+    passed = sum(c.passed is True for c in validity)
     lines.append(
-        f"Validity checks: {passed}/{len(validity)} passed "
+        f"Validity checks: {passed}/{len(validity)} passed{_not_run(validity)} "
         f"(outcome checks are reported with each entry, not counted here)."
     )
     return lines
@@ -251,10 +258,7 @@ def build_blocks(
             "table",
             {
                 "header": ["defence", "kind", "check", "result", "detail"],
-                "rows": [
-                    [c.defence, c.kind, c.name, "PASS" if c.passed else "FAIL", c.detail]
-                    for c in ctx.checks
-                ],
+                "rows": [[c.defence, c.kind, c.name, result(c), c.detail] for c in ctx.checks],
             },
         )
     )

@@ -2,7 +2,9 @@
 "inconclusive" (the report's and the README's vocabulary).
 
 - inconclusive: a validity check of the defence failed, so a low attack success rate may
-  be the attack's fault (the failed checks are named);
+  be the attack's fault (the failed checks are named); or the ASR stays below the victim's
+  but a validity check could not be run (e.g. no image where the binarization test is
+  feasible), so the evidence that the attack was strong enough is missing;
 - broken: at the budget where the defence works (its headline record's eps: the declared
   ``working_eps``, else where its non-adaptive gain is largest; else 4/255), the informed
   attacker's success rate is not significantly below the undefended victim's under the
@@ -55,7 +57,9 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
     asr = float(row.get("worst_case_asr", row["attack_success_rate"]))
     low, high = rate_ci(asr, row["n"])
     victim = _victim_asr(rows, row)
-    failed = [c.name for c in checks if c.defence == name and c.kind == "validity" and not c.passed]
+    validity = [c for c in checks if c.defence == name and c.kind == "validity"]
+    failed = [c.name for c in validity if c.passed is False]
+    not_run = [c.name for c in validity if c.passed is None]
     where = f"at {eps:g}/255" + (
         " (its working budget)" if working else " (no working budget: the headline eps)"
     )
@@ -63,11 +67,19 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
         label = "inconclusive"
         reason = f"validity checks failed: {'; '.join(failed)}"
     elif victim is None or (high is not None and high >= rate_ci(victim, row["n"])[0]):
-        label = "broken"
-        reason = (
+        label = "broken"  # the attack's successes are the evidence; a test of its strength
+        reason = (  # that could not be run takes nothing from them
             f"{where} the informed attacker reaches ASR {asr:.3f} [{low:.3f}, {high:.3f}], "
             "not significantly below the undefended victim's "
             + ("(not measured)" if victim is None else f"{victim:.3f}")
+            + (f" (could not be run: {'; '.join(not_run)})" if not_run else "")
+        )
+    elif not_run:
+        label = "inconclusive"
+        reason = (
+            f"{where} ASR {asr:.3f} [{low:.3f}, {high:.3f}] stays below the undefended "
+            f"victim's {victim:.3f}, but the evidence that the attack could have done better "
+            f"is missing: could not be run: {'; '.join(not_run)}"
         )
     else:
         label = "partly robust"
