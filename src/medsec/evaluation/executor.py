@@ -10,11 +10,13 @@ are fitted on the plain attacks), across entries they do not. So the Ray executo
 3. one task per study that reruns the whole study, every cell now read from the cache, and
    writes its report (the gate, last, sees every adversarial image).
 
-Results are the serial run's: every cell's random state is seeded from its key, never from
-scheduling order, and every cell and artefact is written atomically under a lock, so two
-workers needing the same one compute it once, a worker killed mid-cell leaves nothing
-half-written (Ray retries its task, which finds every finished cell), and a run can be
-resumed by either executor. ``out`` must be on a filesystem every worker can write to.
+Each task waits only for its own study's earlier stage. Results are the serial run's (with
+the serial run's threads per task, the default: see ``run_ray``): every cell's random state
+is seeded from its key, never from scheduling order, and every cell and artefact is written
+atomically under a lock, so two workers needing the same one compute it once, a worker
+killed mid-cell leaves nothing half-written (Ray retries its task, which finds every
+finished cell), and a run can be resumed by either executor. ``out`` must be on a
+filesystem every worker can write to.
 """
 
 from __future__ import annotations
@@ -139,8 +141,9 @@ def victim_task(study: Study, res: Resources) -> TaskReport:
     return TaskReport(f"victim {study.label()}", _here(), time.perf_counter() - t0, 0)
 
 
-def entry_task(study: Study, entry: str, res: Resources) -> TaskReport:
-    """Stage 2: compute one defence entry's cells into the study's cache."""
+def entry_task(study: Study, entry: str, res: Resources, *_after: Any) -> TaskReport:
+    """Stage 2: compute one defence entry's cells into the study's cache (``_after``: the
+    tasks it waits for)."""
     from medsec.evaluation.study import evaluate_entry, resolve_defences
 
     device = res.enter()
@@ -151,7 +154,7 @@ def entry_task(study: Study, entry: str, res: Resources) -> TaskReport:
     return TaskReport(f"{entry} {study.label()}", _here(), time.perf_counter() - t0, ctx.computed)
 
 
-def report_task(study: Study, res: Resources) -> tuple[Path, TaskReport]:
+def report_task(study: Study, res: Resources, *_after: Any) -> tuple[Path, TaskReport]:
     """Stage 3: the whole study from its cache (the gate computed here), report written."""
     device = res.enter()
     t0 = time.perf_counter()
@@ -189,8 +192,8 @@ def run_ray(
     gpus_per_task: float = 0.0,
     progress: bool = True,
 ) -> tuple[list[Path], list[TaskReport]]:
-    """The three stages as Ray tasks; returns the report paths (in ``studies`` order) and
-    what every task did.
+    """The three stages as one graph of Ray tasks (each waits only for what it needs); returns
+    the report paths (in ``studies`` order) and what every task did.
 
     ``cpus_per_task`` defaults to this process's torch threads: training sums gradients in
     an order that depends on the thread count (measured: a tiny victim trained with 1 and
@@ -218,23 +221,26 @@ def run_ray(
     res = Resources(cpus_per_task or torch.get_num_threads(), gpus_per_task)
     opts = {"num_cpus": res.cpus, "num_gpus": res.gpus, "max_retries": RETRIES}
     remote = {fn.__name__: ray.remote(**opts)(fn) for fn in (victim_task, entry_task, report_task)}
-    total = 2 * len(studies) + sum(len(s.entries()) for s in studies)
-    bar = tqdm(total=total, desc="study grid (tasks)", disable=not progress, unit="task")
-    done: list[TaskReport] = []
-
-    def wait(refs: list[Any]) -> list[Any]:
-        pending, results = list(refs), {}
+    # the whole graph at once: a study's entries wait only for its victim, its report only
+    # for its entries, so one study's report overlaps another's attacks
+    victims = [remote["victim_task"].remote(s, res) for s in studies]
+    entries = [
+        [remote["entry_task"].remote(s, e, res, v) for e in s.entries()]
+        for s, v in zip(studies, victims, strict=True)
+    ]
+    reports = [
+        remote["report_task"].remote(s, res, v, *e)
+        for s, v, e in zip(studies, victims, entries, strict=True)
+    ]
+    refs = [*victims, *(r for e in entries for r in e), *reports]
+    bar = tqdm(total=len(refs), desc="study grid (tasks)", disable=not progress, unit="task")
+    results: dict[Any, Any] = {}
+    try:
+        pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             results[ready[0]] = ray.get(ready[0])
             bar.update(1)
-        return [results[r] for r in refs]
-
-    try:
-        done += wait([remote["victim_task"].remote(s, res) for s in studies])
-        refs = [remote["entry_task"].remote(s, e, res) for s in studies for e in s.entries()]
-        done += wait(refs)
-        finished = wait([remote["report_task"].remote(s, res) for s in studies])
     except ray.exceptions.RayError as exc:
         cause = getattr(exc, "cause", None)
         cause = cause if isinstance(cause, MedsecError) else None
@@ -243,7 +249,8 @@ def run_ray(
         bar.close()
         if not started:
             ray.shutdown()
-    done += [r for _, r in finished]
+    finished = [results[r] for r in reports]
+    done = [results[r] for r in refs if r not in reports] + [t for _, t in finished]
     return [p for p, _ in finished], done
 
 
