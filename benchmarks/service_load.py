@@ -7,7 +7,8 @@ One run, bounded in requests and seconds, stops by itself:
   gate skips signature verification (same parsing, validation, model and audit);
 - a separate client process (its own interpreter, so client work does not share the server's
   GIL) runs keep-alive HTTPS clients, one at a time (service time) and --concurrency at once
-  (throughput); verified and plain phases alternate --rounds times so drift hits both equally;
+  (throughput); verified and plain phases alternate --rounds times, in ABBA order, so drift
+  and going first or second hit both equally;
 - counts audit lines against requests sent (warm-up included), and checks both chains.
 Overhead = (mean verified latency - mean plain latency) / mean verified latency, per
 concurrency level; ``verify_overhead`` on the last line is the larger of the two.
@@ -160,9 +161,11 @@ def main() -> int:
 
             for name in sent:  # warm-up, not timed (imports, first calls, allocator)
                 phase(name, 2 * args.concurrency, args.concurrency)
-            for _ in range(args.rounds):
+            for r in range(args.rounds):
                 for level in levels:
-                    for name in ("verified", "plain"):
+                    # ABBA: the order flips every round, so going first or second (warm
+                    # caches, a collector due) weighs on both phases alike
+                    for name in ("verified", "plain")[:: 1 if r % 2 == 0 else -1]:
                         t0, c0 = time.perf_counter(), time.process_time()
                         out = phase(name, args.requests, level)
                         seconds[name, level] = seconds.get((name, level), 0.0) + (
