@@ -218,3 +218,27 @@ def test_pgd_at_starts_from_fresh_weights_and_keeps_its_best_robust_epoch(
     assert [h["epoch"] for h in rec["val_robust_history"]] == [1, 2, 3]
     assert all(torch.equal(v, states[1][k]) for k, v in a.state_dict().items())
     assert not all(torch.equal(v, states[2][k]) for k, v in a.state_dict().items())
+
+
+class _NoteTaker:
+    seed, device = 0, torch.device("cpu")
+
+    def add_note(self, *_a, **_k) -> None:
+        pass
+
+
+def test_the_probe_of_a_randomised_pipeline_does_not_depend_on_what_ran_before(setup) -> None:
+    """Its noise starts from the study seed, so a run whose earlier cells came from the cache
+    (the Ray executor's report pass, a resumed run) records the same probe."""
+    from medsec.defences import Deployed
+    from medsec.evaluation.probe import probe_and_adapt
+
+    _, victim, x, _ = setup
+    rdf = MedRDF(victim, sigma=0.1, votes=9, seed=0)
+    dep = Deployed(rdf, reseed=rdf.reseed)
+    first = probe_and_adapt(_NoteTaker(), "medrdf", dep, x, 2, 3)[1]["probe"]
+    with torch.no_grad():
+        rdf(x)  # what an earlier, computed cell would have drawn
+    torch.rand(5)
+    again = probe_and_adapt(_NoteTaker(), "medrdf", dep, x, 2, 3)[1]["probe"]
+    assert first == again and first["randomised"] and first["max_logit_change"] > 0

@@ -43,7 +43,7 @@ def test_a_check_that_could_not_be_run_is_missing_evidence_not_a_failure():
     assert broken.label == "broken" and "could not be run: d: binarization test" in broken.reason
     kept = verdict("d", [_row(0.50, 1.0)], not_run)
     assert kept.label == "inconclusive" and "missing" in kept.reason
-    failed = not_run + [Check("d: indicator: silent success", False, "", "d", "validity")]
+    failed = [*not_run, Check("d: indicator: silent success", False, "", "d", "validity")]
     assert "validity checks failed" in verdict("d", [_row(0.97, 1.0)], failed).reason
 
 

@@ -103,8 +103,16 @@ def probe_and_adapt(
     ctx: StudyContext, name: str, dep: Deployed, x: Tensor, eot: int, repeats: int
 ) -> tuple[Deployed, dict[str, Any]]:
     """Probe the pipeline, adapt the attack where the defence declared nothing (``eot``
-    samples, ``repeats`` evaluations), note it in the robustification section."""
-    found = probe(dep, x.to(ctx.device))
+    samples, ``repeats`` evaluations), note it in the robustification section.
+
+    The probe draws from a randomised pipeline's noise: it starts from the study seed (the
+    pipeline reseeded, the global stream forked), so what it measures does not depend on
+    what ran before it (e.g. whether earlier cells were computed or read from the cache)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        if dep.reseed is not None:
+            dep.reseed(ctx.seed)
+        found = probe(dep, x.to(ctx.device))
     declared = (
         f" The defence declares its own attack view ({dep.bpda}; EOT {dep.eot})."
         if dep.attack_view is not None
