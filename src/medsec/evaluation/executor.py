@@ -102,18 +102,12 @@ def _here() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _context(study: Study, device: torch.device, progress: bool = False) -> Any:
-    """The study's context in this process (data loaded, victim trained or loaded)."""
-    from medsec.evaluation.context import StudyContext
-    from medsec.evaluation.study import load_study_data, prepare_victim
-    from medsec.utils import seed_everything
+def _context(study: Study, device: torch.device) -> Any:
+    """The study's context in this worker (data loaded, victim trained or loaded)."""
+    from medsec.evaluation.study import open_study
 
-    seed_everything(study.seed)
-    data = load_study_data(study.dataset, study.profile, study.seed, progress)
-    victim, meta = prepare_victim(
-        study.out, data, study.profile, study.arch, study.seed, device, progress
-    )
-    return StudyContext(study.out, study.profile, data, victim, meta, device, study.seed, False)
+    s = study
+    return open_study(s.out, s.profile, s.dataset, s.arch, s.seed, device, progress=False)[0]
 
 
 def _cells(out: Path) -> int:

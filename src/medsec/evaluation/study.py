@@ -96,6 +96,26 @@ def resolve_defences(spec: str | None) -> list[Defence]:
     return sorted(chosen, key=lambda d: order.index(d.family))
 
 
+def open_study(
+    out: Path,
+    profile: Profile,
+    dataset: str,
+    arch: str,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[StudyContext, dict[str, float]]:
+    """The study's context (data loaded, victim trained or loaded) and the seconds each of
+    the two took; every process that works on the study starts here."""
+    start = time.perf_counter()
+    seed_everything(seed)
+    data = load_study_data(dataset, profile, seed, progress)
+    stages = {"data": time.perf_counter() - start}
+    victim, meta = prepare_victim(out, data, profile, arch, seed, device, progress)
+    stages["victim"] = time.perf_counter() - start - stages["data"]
+    return StudyContext(out, profile, data, victim, meta, device, seed, progress), stages
+
+
 def evaluate_entry(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]:
     """One entry's rows through its family's evaluator; a plug-in's own failure becomes a
     one-line error naming it (a bug of ours keeps its traceback)."""
@@ -135,12 +155,7 @@ def reproduce(
     names = [d.name for d in chosen]
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    seed_everything(seed)
-    data = load_study_data(dataset, profile, seed, progress)
-    stages = {"data": time.perf_counter() - start}
-    victim, meta = prepare_victim(out, data, profile, arch, seed, device, progress)
-    stages["victim"] = time.perf_counter() - start - stages["data"]
-    ctx = StudyContext(out, profile, data, victim, meta, device, seed, progress)
+    ctx, stages = open_study(out, profile, dataset, arch, seed, device, progress)
     ctx.log(f"data {stages['data']:.0f} s, victim {stages['victim']:.0f} s")
     rows: list[dict[str, Any]] = []
     timings: dict[str, float] = {}
