@@ -157,6 +157,9 @@ def test_silent_success_and_instability_fire_on_a_random_pipeline(trained, blob_
     assert ind.unstable(
         ind.objective_spread(victim, x, plain.x_adv, y, 4 / 255), mitigated=False
     ).passed
+    # failures returned as the clean image (the detection attacker's rule) moved nothing:
+    # still stable, judged against the clean margin's distance to the boundary
+    assert ind.unstable(ind.objective_spread(victim, x, x, y, 1 / 255), mitigated=False).passed
     assert victim.training == was  # the wrappers left the shared victim as they found it
 
 

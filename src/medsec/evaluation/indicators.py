@@ -17,8 +17,8 @@ unconstrained attack, which must reach ``UNBOUNDED_ASR``:
   ``BAD_STEPS`` of their steps;
 - unstable predictions: images whose objective under repeated calls and input noise (1/8
   of the attack's eps) varies by more than ``NOISE_SPREAD`` of the distance the attack had
-  to cover; a randomised pipeline attacked with EOT and majority re-evaluation counts as
-  mitigated;
+  to cover (the clean margin's distance to the boundary, or what it moved, if more); a
+  randomised pipeline attacked with EOT and majority re-evaluation counts as mitigated;
 - unconstrained attack failure: the same attack with eps = 1 (any image reachable) must
   reach ~100%, detectors included.
 """
@@ -45,8 +45,7 @@ NOISE_SPREAD = 0.10
 # Input noise (uniform +-) for the objective's spread, as a share of the attack's eps: the
 # spread of a smooth objective under noise, relative to what the attack moved it, scales as
 # noise / eps, so a fixed noise (0.5/255 before) is stricter the smaller the budget (blob
-# victim at 0.5/255: 0.076 fired, 0.000 now). It did not explain the full-profile
-# detectors' 0.20-0.24 at 1/255 (unchanged with eps/8: 0.20-0.24; still open).
+# victim at 0.5/255: 0.076 fired, 0.000 now).
 NOISE_SHARE = 1 / 8
 NOISE_DRAWS = 4
 UNBOUNDED_ASR = 0.99
@@ -58,6 +57,7 @@ SETTINGS = {
     "noise_spread": NOISE_SPREAD,
     "noise_share_of_eps": NOISE_SHARE,
     "noise_draws": NOISE_DRAWS,
+    "spread_scale": "max(|margin moved|, |clean margin|)",
 }
 
 NAMES = (
@@ -202,8 +202,11 @@ def objective_spread(
     batch_size: int = 250,
 ) -> Tensor:
     """Per image: spread (max - min) of the margin at ``x_adv`` over repeated calls with
-    input noise of ``NOISE_SHARE`` of the attack's ``eps``, relative to how far the attack
-    moved the margin from the clean image."""
+    input noise of ``NOISE_SHARE`` of the attack's ``eps``, relative to the distance the
+    attack had to cover: the clean margin's distance to the boundary, or how far the attack
+    moved the margin if further. (Relative to the move alone, a failure returned as the clean
+    image moved nothing and divided by ~0: the full-profile detectors' 0.20-0.24 "unstable"
+    at 1/255 were exactly their failed images, each with a spread of ~0.)"""
     noise = NOISE_SHARE * eps
     gen = torch.Generator().manual_seed(seed)
     device = next(iter(pipeline.parameters()), torch.empty(0)).device
@@ -215,7 +218,8 @@ def objective_spread(
             u = torch.rand(ab.shape, generator=gen).to(device)
             draws.append(margin_of(pipeline, (ab + (2 * u - 1) * noise).clamp(0, 1), yb))
         m = torch.stack(draws)
-        covered = (margin_of(pipeline, ab, yb) - margin_of(pipeline, xb, yb)).abs()
+        clean = margin_of(pipeline, xb, yb)
+        covered = torch.maximum((margin_of(pipeline, ab, yb) - clean).abs(), clean.abs())
         out.append(((m.amax(0) - m.amin(0)) / covered.clamp_min(1e-6)).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
