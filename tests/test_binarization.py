@@ -15,7 +15,7 @@ from medsec.data.base import Dataset
 from medsec.defences.base import Deployed, Pipeline
 from medsec.defences.robust.medrdf import MedRDF, MedRDFAttackView
 from medsec.errors import MedsecError
-from medsec.evaluation.binarization import binarization_test, last_linear
+from medsec.evaluation.binarization import GIVE_UP_AFTER, binarization_test, last_linear
 from medsec.evaluation.diagnostics import GradientKiller
 
 EPS = 8 / 255
@@ -212,3 +212,27 @@ def test_bad_input_is_one_clear_error(victim_set) -> None:
     dep = Deployed(classifier=victim_set[0])
     with pytest.raises(MedsecError, match="eps"):
         binarization_test(dep, x[:2], y[:2], 0.0, lambda a, b: a)
+
+
+class _Blind(nn.Module):
+    """Features that ignore the input: no readout can separate any target."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1) * 0
+
+
+def test_gives_up_where_no_image_is_feasible(victim_set) -> None:
+    _, x, _ = victim_set
+    head = nn.Linear(x[0].numel(), 2)
+    model = nn.Sequential(_Blind(), head).eval()
+    y = torch.full((len(x),), int(head.bias.argmax()))
+    calls: list[int] = []
+
+    def attack(xs: Tensor, ys: Tensor) -> Tensor:
+        calls.append(len(xs))
+        return xs
+
+    out = binarization_test(Deployed(classifier=model), x, y, EPS, attack, n_inner=99)
+    assert out["n_tested"] == 0 and out["pass_rate"] is None and out["passed_threshold"] is None
+    assert out["n_infeasible"] == GIVE_UP_AFTER and out["n_not_tried"] == len(x) - GIVE_UP_AFTER
+    assert not calls

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from medsec.defences.base import Deployed
 from medsec.evaluation import blackbox
-from medsec.evaluation.binarization import PASS_RATE, binarization_test
+from medsec.evaluation.binarization import GIVE_UP_AFTER, PASS_RATE, binarization_test
 from medsec.evaluation.certificates import certificate_check
 from medsec.evaluation.context import StudyContext
 
@@ -62,7 +62,8 @@ def binarization(
     x, y = attacked
     nb, n_inner = min(len(x), N_BINARIZE), (199 if dep.repeats > 1 else N_INNER)
     bt = ctx.cell(
-        {"defence": name, "what": "binarization", "n": nb, "n_inner": n_inner, **key},
+        {"defence": name, "what": "binarization", "n": nb, "n_inner": n_inner, **key}
+        | {"give_up_after": GIVE_UP_AFTER},
         lambda: binarization_test(
             dep, x[:nb], y[:nb], eps, attack, n_inner=n_inner, n_boundary=1, seed=ctx.seed
         ),
@@ -72,7 +73,9 @@ def binarization(
         f"{name}: binarization test of the adaptive attack (pass rate >= {PASS_RATE})",
         bt["passed_threshold"],  # None: no image feasible, the test could not be run
         f"at {eps * 255:g}/255: {bt['n_tested']} of {bt['n_images']} images feasible "
-        f"({bt['n_infeasible']} infeasible); the attack found the planted adversarial "
+        f"({bt['n_infeasible']} infeasible"
+        + (f", {bt['n_not_tried']} not tried after that" if bt.get("n_not_tried") else "")
+        + "); the attack found the planted adversarial "
         + ("on none (nothing feasible)" if rate is None else f"on {rate:.3f}")
         + f" ({n_inner} inner points per image)",
         kind="validity",

@@ -55,6 +55,10 @@ CLOSENESS = 0.999  # readout bias moved so the target keeps 0.1% of its score
 TARGET_DRAWS = 40
 RANDOM_CLOSENESS = 0.5
 PASS_RATE = 0.95  # the paper's threshold for a trustworthy attack
+# Stop after this many images when none was feasible: where the test cannot be built (MedRDF
+# at 1/255: noise of 12.75/255 per pixel drowns the 1/255 ball; every target, corners
+# included, infeasible) the other images only cost time (4 min of a full run).
+GIVE_UP_AFTER = 5
 TOL = 1e-6  # float slack on the L-inf budget
 
 
@@ -251,7 +255,9 @@ def binarization_test(
     """Run the test on each image of ``x`` (labels ``y``, correctly classified) with
     ``attack(x, y) -> x_adv``, the defence's own adaptive attack on the deployed pipeline.
 
+    Stops after ``GIVE_UP_AFTER`` images if none of them was feasible.
     Returns ``n_images``, ``n_tested`` (feasible images attacked), ``n_infeasible``,
+    ``n_not_tried`` (images left after giving up),
     ``pass_rate`` (passes / n_tested; None when nothing was feasible), ``passed`` (per image:
     True/False, None where infeasible), ``passed_threshold`` (rate >= PASS_RATE; None when
     nothing was feasible) and ``settings``.
@@ -270,6 +276,8 @@ def binarization_test(
     passed: list[bool | None] = []
     with binarized(layer) as hook:
         for i in range(len(x)):
+            if i == GIVE_UP_AFTER and all(p is None for p in passed):
+                break
             xi, yi = x[i : i + 1].to(device), y[i : i + 1].to(device)
             clean = torch.cat([xi, _inner(xi, n_inner, eps, gen)])
             targets = _surface(xi, n_boundary, eps, gen)
@@ -290,6 +298,7 @@ def binarization_test(
         "n_images": len(x),
         "n_tested": len(tested),
         "n_infeasible": len(passed) - len(tested),
+        "n_not_tried": len(x) - len(passed),
         "pass_rate": rate,
         "passed_threshold": None if rate is None else rate >= PASS_RATE,
         "passed": passed,
@@ -304,6 +313,7 @@ def binarization_test(
             "closeness_randomised": RANDOM_CLOSENESS,
             "target_draws_randomised": TARGET_DRAWS,
             "threshold": PASS_RATE,
+            "give_up_after": GIVE_UP_AFTER,
         },
     }
 
