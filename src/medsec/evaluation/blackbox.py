@@ -3,8 +3,12 @@ behind the one Criterion, on the first images of the defence's attack set, at th
 the headline diagnostics.
 
 A gradient attack that is clearly weaker than a random search that never sees a gradient
-failed for its own reasons (masked, noisy or misleading gradients): white-box ASR whose
-95% interval lies below Square's ASR on the same images is a validity failure.
+failed for its own reasons (masked, noisy or misleading gradients). Both run on the same
+images, so "clearly weaker" is a paired question: of the images only one attack fooled, did
+Square take significantly more (exact one-sided McNemar test, i.e. a binomial test on the
+discordant pairs, at ``ALPHA``)? It is stricter than asking whether the white-box rate's 95%
+interval reaches Square's rate (on 48 images, 10 white-box vs the same 10 + 6 by Square:
+the interval [0.10, 0.35] reaches 0.33; the paired test, p = 0.016, does not).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy.stats import binomtest
 from torch import Tensor
 
 from medsec.attacks import run_square
@@ -21,6 +26,7 @@ from medsec.defences.base import Deployed
 from medsec.evaluation.context import StudyContext, rate_ci
 
 ObjectiveFactory = Callable[[Tensor, Tensor], Any]
+ALPHA = 0.05
 
 
 def square_cell(
@@ -79,20 +85,33 @@ def square_cell(
 def square_check(
     ctx: StudyContext, name: str, white_box: list[bool], square: dict[str, Any], eps: float
 ) -> None:
-    """Validity: the white-box attack is not clearly weaker than Square on the same images."""
-    n = len(white_box)
-    wb = float(np.mean(white_box)) if n else 0.0
+    """Validity: Square does not fool significantly more of the same images than the
+    white-box attack (exact one-sided McNemar test at ``ALPHA``)."""
+    wb_hit = np.asarray(white_box, bool)
+    sq_hit = np.asarray(square["success"], bool)[: len(wb_hit)]
+    n = len(wb_hit)
+    wb = float(wb_hit.mean()) if n else 0.0
     low, high = rate_ci(wb, n)
-    sq = square["asr"]
-    only_square = int(np.sum(np.asarray(square["success"], bool) & ~np.asarray(white_box, bool)))
+    only_square, only_wb = int(np.sum(sq_hit & ~wb_hit)), int(np.sum(wb_hit & ~sq_hit))
+    p = (
+        binomtest(only_square, only_square + only_wb, 0.5, alternative="greater").pvalue
+        if (only_square + only_wb)
+        else 1.0
+    )
     ctx.add_check(
         f"{name}: white-box attack not weaker than the gradient-free Square Attack",
-        high is None or high >= sq,
+        p >= ALPHA,
         f"at {eps * 255:g}/255 on {n} images: white-box ASR {wb:.3f} [{low:.3f}, {high:.3f}], "
-        f"Square ({square['queries']} queries) {sq:.3f}; images only Square fooled: "
-        f"{only_square}",
+        f"Square ({square['queries']} queries) {square['asr']:.3f}; images only Square fooled: "
+        f"{only_square}, only white-box: {only_wb} (one-sided exact McNemar p = {p:.3g})",
         kind="validity",
         defence=name,
-        measured={"white_box": wb, "square": sq},
-        expected="white-box 95% interval reaches Square's ASR",
+        measured={
+            "white_box": wb,
+            "square": square["asr"],
+            "only_square": only_square,
+            "only_white_box": only_wb,
+            "p_value": p,
+        },
+        expected=f"Square not significantly stronger on the same images (p >= {ALPHA})",
     )
