@@ -172,11 +172,13 @@ def test_infeasible_images_are_counted_and_never_passed(victim_set) -> None:
     assert all(res["passed"][i] is True for i in (0, 2, 3, 5, 6, 7))
     assert res["pass_rate"] == 1.0
     # a detector that flags everything: nothing feasible, nothing attacked, no pass rate
+    # (given up after GIVE_UP_AFTER infeasible images)
     calls.clear()
     none = binarization_test(dep, x, y, EPS, strong, n_inner=199, detector=NearFlagger(x))
-    assert none["n_infeasible"] == 8 and none["n_tested"] == 0 and not calls
+    assert none["n_infeasible"] == GIVE_UP_AFTER and none["n_tested"] == 0 and not calls
+    assert none["n_not_tried"] == 8 - GIVE_UP_AFTER
     assert none["pass_rate"] is None and none["passed_threshold"] is None
-    assert none["passed"] == [None] * 8
+    assert none["passed"] == [None] * GIVE_UP_AFTER
 
 
 def test_deterministic_given_the_seed(victim_set) -> None:

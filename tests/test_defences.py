@@ -173,6 +173,7 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
         assert (verdict["label"] == "inconclusive") == bool(failed), (name, failed)
         notes = [n["text"] for n in m["notes"] if n["defence"] == name]
         assert any("probe on" in t for t in notes) and any("Assumed:" in t for t in notes)
+    assert any("reject option refuses" in n["text"] for n in m["notes"] if n["defence"] == "medrdf")
     medrdf = [r for r in m["rows"] if r["defence"] == "medrdf" and r["adaptive"]]
     assert all(r["eot_samples"] == 10 and r["repeats"] == 5 for r in medrdf)
     heads = {h["defence"]: h for h in m["headline"]}
@@ -187,6 +188,10 @@ def test_every_robustification_defence_end_to_end(plugin_run, tmp_path):
         assert {r["eps_255"] for r in m["rows"] if r["defence"] == name and r["adaptive"]} >= {
             h["eps_255"]
         }
+    for name in names:  # the robust-accuracy figure marks each working budget on its curve
+        stored = json.loads((study / "artifacts/robust/curves" / f"{name}.json").read_text())
+        assert stored["working"] == pytest.approx(heads[name]["eps_255"])
+        assert any(p[0] == pytest.approx(stored["working"]) for p in stored["points"]), name
     for name in ("dae", "medrdf"):  # transfer attacks crafted to completion, as the papers did
         paper = [r for r in m["rows"] if r["defence"] == name and not r["adaptive"]]
         assert paper and all(r["settings"]["early_stop"] is False for r in paper), name

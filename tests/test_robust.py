@@ -18,6 +18,7 @@ from medsec.defences.robust import (
     KMMNet,
     MedRDF,
     MedRDFAttackView,
+    RobustMetricReject,
     RobustTrainConfig,
     reinitialised,
     train_dae,
@@ -148,6 +149,27 @@ def test_medrdf_vote_is_deterministic_under_a_fixed_seed(setup) -> None:
     assert torch.allclose(shares.sum(1), torch.ones(len(x)), atol=1e-3)
     rm = rdf.robust_metric(x)
     assert ((rm >= 0.5) & (rm <= 1.0)).all()
+
+
+def test_medrdf_reject_option_reads_the_diagnosis_vote(setup) -> None:
+    """The RM threshold refuses <= 5% of the validation images it was fixed on, and the flag
+    of an image is the RM of the very vote that gave its diagnosis (no second vote)."""
+    data, victim, x, _ = setup
+    rdf = MedRDF(victim, sigma=0.3, votes=9, seed=0)  # noisy enough for split votes
+    x_val = torch.from_numpy(data.val.images)
+    reject = RobustMetricReject.fit(rdf, x_val)
+    assert round(reject.threshold * 9) / 9 == pytest.approx(reject.threshold)
+    rdf.reseed(0)
+    with torch.no_grad():
+        assert float((rdf.robust_metric(x_val) < reject.threshold - 1e-9).float().mean()) <= 0.05
+        rdf.reseed(5)
+        shares = rdf(x).exp()
+        state = rdf.generator.get_state()
+        flags = reject.flags(x)
+        assert torch.equal(rdf.generator.get_state(), state)  # no new noise drawn
+        assert torch.equal(flags, shares.amax(1) < reject.threshold - 1e-9)
+        reject.flags(x.clone())  # another tensor: a fresh vote
+        assert not torch.equal(rdf.generator.get_state(), state)
 
 
 def test_kmm_starts_as_the_victim_and_reports_saturation(setup) -> None:

@@ -1,10 +1,19 @@
-"""The verdict rule and the Square cross-check are able to fail: each outcome from a
-hand-made set of rows and checks."""
+"""The verdict rule, the Square cross-check and the convergence check are able to fail: each
+outcome from a hand-made set of rows and checks."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medsec.attacks import AttackSpec
+from medsec.defences import get_defence
+from medsec.defences.base import Deployed
 from medsec.evaluation.blackbox import square_check
 from medsec.evaluation.context import Check, make_row
+from medsec.evaluation.robust_checks import Found, diagnostics
 from medsec.evaluation.verdict import verdict
 
 
@@ -68,3 +77,45 @@ def test_square_check_fails_when_the_white_box_attack_is_clearly_weaker():
     other = {"asr": 10 / 48, "success": [False] * 10 + [True] * 10 + [False] * 28, "queries": 1}
     square_check(ctx, "d", wb, other, 4 / 255)
     assert [p for _, p in ctx.checks] == [False, True, False, True]
+
+
+class _FigCtx(_Ctx):
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def figure_path(self, name: str) -> Path:
+        return self.folder / name
+
+    def add_figure(self, *args: object, **kw: object) -> None:
+        pass
+
+
+def _diagnosed(tmp_path: Path, eot: int, stronger: str | None) -> dict[str, bool]:
+    """The robust diagnostics at a working budget of 1/255 with a fake attack whose every
+    run fools 10 of 20 images, except ``stronger`` (a variant), which fools 15."""
+    w = 1 / 255
+    found = Found(get_defence("none"), Deployed(nn.Linear(1, 2), eot=eot), 0.9, {},
+                  {w: {"success": [True] * 10 + [False] * 10}}, {}, [], {})  # fmt: skip
+    seen: list[tuple[str, float, int | None]] = []
+
+    def run(spec: AttackSpec, x, y, idx, what: str, eot: int | None = None) -> dict:
+        seen.append((what, spec.eps, eot))
+        hits = 15 if what == stronger else 10
+        return {"asr": hits / 20, "success": [True] * hits + [False] * (20 - hits),
+                "loss_curve": [0.0, 1.0]}  # fmt: skip
+
+    ctx = _FigCtx(tmp_path)
+    xs = torch.zeros(20, 1)
+    diagnostics(ctx, found, (xs, xs, xs), run, lambda d, e, **o: AttackSpec("a", e, **o), w)
+    assert {e for what, e, _ in seen if what != "diag-unbounded"} == {w}  # at the budget
+    assert ("diag-eot2x", w, 2 * eot) in seen if eot > 1 else "diag-eot2x" not in str(seen)
+    return {name.split(": ")[1].split(" (")[0]: ok for name, ok in ctx.checks}
+
+
+def test_convergence_fails_when_a_stronger_variant_adds(tmp_path: Path) -> None:
+    assert _diagnosed(tmp_path, 1, None)["convergence"]
+    for variant in ("diag-long", "diag-apgd"):
+        assert not _diagnosed(tmp_path, 1, variant)["convergence"], variant
+    assert not _diagnosed(tmp_path, 5, "diag-eot2x")["convergence"]
+    assert not _diagnosed(tmp_path, 1, "diag-sweep-50")["step-size sweep"]

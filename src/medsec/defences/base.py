@@ -92,7 +92,9 @@ class Deployed:
 
     ``classifier`` (after ``preprocess``, if any) gives logits; ``pipeline`` is both, the
     thing every attack and every success decision sees. ``detector`` (detection family)
-    follows the scikit-learn-style interface of :mod:`medsec.defences.detection.base`.
+    follows the scikit-learn-style interface of :mod:`medsec.defences.detection.base`; a
+    robustification defence may carry a reject option there (``flags(x) -> bool``, e.g.
+    MedRDF's Robust Metric): a flagged image is refused, so never an attack success.
     Adaptive parts left at their defaults are found by the evaluator's probe (zero
     gradients through ``preprocess`` -> BPDA around it; randomness -> EOT and repeats).
     """

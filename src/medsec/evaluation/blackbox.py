@@ -44,6 +44,8 @@ def square_cell(
     """Square on ``dep``'s deployed pipeline (the victim with ``detector`` where ``dep`` is
     None); success re-predicted like the white-box attack's (majority of repeats)."""
     pipeline = ctx.victim if dep is None else dep.pipeline
+    if detector is None and dep is not None:
+        detector = dep.detector  # a robustification defence's reject option, if any
     queries = ctx.profile.square_queries
 
     def compute() -> dict[str, Any]:

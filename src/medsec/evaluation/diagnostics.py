@@ -129,13 +129,23 @@ def plot_loss_and_sweep(
     save_figure(fig, path)
 
 
-def plot_robust_accuracy(path: Path, curves: dict[str, list[list[float]]], title: str) -> None:
-    """Robust accuracy (adaptive attack) vs eps (in /255) for every defence and the victim."""
+def plot_robust_accuracy(
+    path: Path,
+    curves: dict[str, list[list[float]]],
+    title: str,
+    working: dict[str, float] | None = None,
+) -> None:
+    """Robust accuracy (adaptive attack) vs eps (in /255) for every defence and the victim;
+    a star marks each defence's working budget (``working``: name -> eps in /255)."""
+    working = working or {}
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name in sorted(curves, key=lambda n: (n != "none (undefended)", n)):
         pts = sorted(curves[name])
         style = "k--" if name.startswith("none") else "o-"
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+        at = [p for p in pts if name in working and abs(p[0] - working[name]) < 1e-6]
+        if at:
+            ax.plot(at[0][0], at[0][1], "*", ms=13, color=line.get_color(), mec="k", mew=0.6)
     ax.axhline(0.1, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)
     ticks = sorted({p[0] for pts in curves.values() for p in pts})

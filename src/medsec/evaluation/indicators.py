@@ -226,10 +226,17 @@ def objective_spread(
 
 @torch.no_grad()
 def view_success(
-    view: nn.Module, x_adv: Tensor, y: Tensor, *, draws: int = 1, batch_size: int = 250
+    view: nn.Module,
+    x_adv: Tensor,
+    y: Tensor,
+    *,
+    draws: int = 1,
+    batch_size: int = 250,
+    detector: Any = None,
 ) -> Tensor:
     """Success on the attacker's view: the Criterion on the view's prediction (averaged
-    softmax over ``draws`` calls where the view is randomised)."""
+    softmax over ``draws`` calls where the view is randomised), not flagged by the
+    pipeline's ``detector`` (reject option), if any."""
     out = []
     device = next(iter(view.parameters()), torch.empty(0)).device
     with eval_mode(view):
@@ -238,7 +245,10 @@ def view_success(
             p = torch.stack(
                 [as_two_logits(view(xb)).softmax(1) for _ in range(max(1, draws))]
             ).mean(0)
-            out.append((p.argmax(1) != yb).cpu())
+            ok = p.argmax(1) != yb
+            if detector is not None:
+                ok = ok & ~detector.flags(xb).to(ok.device)
+            out.append(ok.cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -283,7 +293,7 @@ def of_run(
     view = None
     if dep.attack_view is not None or dep.eot > 1:
         seen = dep.attack_view if dep.attack_view is not None else dep.pipeline
-        view = view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs)
+        view = view_success(seen, res.x_adv, y, draws=dep.eot, batch_size=bs, detector=dep.detector)
     if dep.reseed is not None:
         dep.reseed(ctx.seed)
     eps = res.spec.eps

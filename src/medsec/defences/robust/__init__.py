@@ -9,7 +9,13 @@ Defence (family ``robustification``); the generic evaluator is medsec.evaluation
 from medsec.defences.robust.common import RobustTrainConfig
 from medsec.defences.robust.dae import DAEClassifier, DenoisingAutoEncoder, train_dae
 from medsec.defences.robust.kmm import KernelMapping, KMMNet, train_kmm
-from medsec.defences.robust.medrdf import MajorityVote, MedRDF, MedRDFAttackView, SoftVote
+from medsec.defences.robust.medrdf import (
+    MajorityVote,
+    MedRDF,
+    MedRDFAttackView,
+    RobustMetricReject,
+    SoftVote,
+)
 from medsec.defences.robust.pgd_at import reinitialised, train_pgd_at
 from medsec.defences.robust.ssat import train_ssat
 
@@ -21,6 +27,7 @@ __all__ = [
     "MajorityVote",
     "MedRDF",
     "MedRDFAttackView",
+    "RobustMetricReject",
     "RobustTrainConfig",
     "SoftVote",
     "reinitialised",

@@ -12,10 +12,18 @@ as deployed.
 The vote (argmax + counting) has no gradient: the adaptive attacker differentiates
 :class:`MedRDFAttackView`, which replaces it by BPDA with the soft vote (log mean softmax
 over the noisy copies) on the backward pass, and averages over the noise with EOT.
+
+The paper gives the RM as the confidence of each diagnosis; deployed, a low-confidence
+diagnosis goes to a human. :class:`RobustMetricReject` is that reject option, with its
+threshold fixed beforehand on clean validation images (at most ``REJECT_RATE`` of them
+rejected), as the detectors' thresholds are: an attack succeeds only where the vote is
+wrong AND confident enough to be accepted. Label and RM come from the same vote, as
+deployed (the flag reads the vote of the forward pass on the same tensor).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +37,7 @@ VOTES = 25
 FLOOR = 1e-4
 EOT_SAMPLES = 10  # noise draws per attack step
 REPEATS = 5  # evaluations of the randomised vote (majority of runs decides success)
+REJECT_RATE = 0.05  # clean validation images the RM reject option may refuse (as detectors)
 
 
 class MajorityVote(nn.Module):
@@ -65,6 +74,7 @@ class MedRDF(nn.Module):
         self.chunk = chunk
         self.vote = MajorityVote()
         self.generator = torch.Generator()
+        self.last: tuple[Tensor, Tensor] | None = None  # (input, its RM) of the last vote
         self.reseed(seed)
 
     def reseed(self, seed: int) -> None:
@@ -82,12 +92,39 @@ class MedRDF(nn.Module):
         return torch.cat(outs)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.vote(self.noisy_logits(x, self.votes))
+        out = self.vote(self.noisy_logits(x, self.votes))
+        self.last = (x, out.detach().exp().amax(1))
+        return out
 
     @torch.no_grad()
     def robust_metric(self, x: Tensor) -> Tensor:
-        """RM: the winning class's vote share per image, in [1/K, 1]."""
-        return self.forward(x).exp().amax(1)
+        """RM: the winning class's vote share per image, in [1/K, 1] (of the last vote when
+        it was cast on this very tensor, else of a fresh vote)."""
+        if self.last is None or self.last[0] is not x:
+            self.forward(x)
+        assert self.last is not None
+        return self.last[1]
+
+
+class RobustMetricReject:
+    """MedRDF's reject option: flags (refuses) a diagnosis whose RM is below ``threshold``."""
+
+    def __init__(self, medrdf: MedRDF, threshold: float) -> None:
+        self.medrdf = medrdf
+        self.threshold = threshold
+
+    @classmethod
+    @torch.no_grad()
+    def fit(cls, medrdf: MedRDF, x_val: Tensor, batch_size: int = 250) -> RobustMetricReject:
+        """The threshold refusing at most ``REJECT_RATE`` of clean validation images."""
+        rm = torch.cat([medrdf.robust_metric(x_val[s : s + batch_size])
+                        for s in range(0, len(x_val), batch_size)]).cpu().numpy()  # fmt: skip
+        shares = np.unique(rm)  # RM takes vote-share values only: try each as threshold
+        ok = [t for t in shares if np.mean(rm < t) <= REJECT_RATE]
+        return cls(medrdf, float(max(ok)))
+
+    def flags(self, x: Tensor) -> Tensor:
+        return self.medrdf.robust_metric(x) < self.threshold - 1e-9
 
 
 class MedRDFAttackView(nn.Module):
@@ -115,14 +152,19 @@ class MedRDFDefence(Defence):
     assumptions = (
         f"sigma = {SIGMA} and {VOTES} votes (the paper's exact values were not available)",
         "ties go to the lower class index",
-        "the Robust Metric (vote share) is not used as a reject option",
+        f"the Robust Metric (vote share) as a reject option refusing <= {REJECT_RATE:.0%} of "
+        "clean validation images (the paper reports RM as the diagnosis's confidence)",
     )
     working_eps = 1 / 255
 
     def build(self, victim: nn.Module, data: Dataset, env: BuildEnv) -> Deployed:
-        model = MedRDF(victim, seed=env.seed)
+        model = MedRDF(victim, seed=env.seed).eval()
+        x_val = torch.from_numpy(data.val.images).to(env.device)
+        reject = RobustMetricReject.fit(model, x_val, env.batch_size)
+        model.reseed(env.seed)
         return Deployed(
-            model.eval(),
+            model,
+            detector=reject,
             paper_attacks=paper_grid(env.eps),
             transfer=True,
             attack_view=MedRDFAttackView(model, copies=1),
@@ -131,6 +173,12 @@ class MedRDFDefence(Defence):
             bpda="majority vote: exact forward, backward = gradient of log mean softmax of the "
             "copies",
             reseed=model.reseed,
-            record={"retrain_free": True, "sigma": model.sigma, "votes": model.votes},
+            record={
+                "retrain_free": True,
+                "sigma": model.sigma,
+                "votes": model.votes,
+                "reject_below_rm": reject.threshold,
+                "reject_rate_target": REJECT_RATE,
+            },
             max_images=100,
         )
