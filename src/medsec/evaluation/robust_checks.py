@@ -285,7 +285,8 @@ def diagnostics(
         measured=best - main_sub,
         expected=f"<= {TOLERANCE}",
     )
-    ind = indicators.unconstrained(unbounded["asr"], len(x))
+    # an image counts where it fools the majority of evaluations, as in every headline rate
+    ind = indicators.unconstrained(float(np.mean(unbounded["success"])), len(x))
     _check(
         ctx,
         f,
