@@ -96,7 +96,13 @@ def checks_and_notes(ctx: StudyContext, f: Found) -> None:
         ctx,
         f,
         f"{d.paper or d.summary}. "
-        + (f"Built with {json.dumps(dep.record.get('config'))} -> {rec}. " if dep.record else "")
+        + (
+            f"Built with {json.dumps(dep.record['config'])} -> {rec}. "
+            if "config" in dep.record
+            else f"Built: {rec}. "
+            if dep.record
+            else ""
+        )
         + f"Clean test accuracy {f.clean:.3f}. "
         + (f"Working budget claimed: {d.working_eps * 255:g}/255. " if d.working_eps else "")
         + " ".join(dep.notes)
