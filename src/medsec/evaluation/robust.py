@@ -23,7 +23,6 @@ from torch import Tensor
 from medsec.attacks import (
     AttackSpec,
     preset,
-    run_attack,
 )
 from medsec.defences.base import Defence
 from medsec.evaluation import attack_tests, headline, robust_checks
@@ -32,9 +31,9 @@ from medsec.evaluation.probe import probe_and_adapt
 from medsec.evaluation.robust_cells import (
     RESTARTS,
     STEP_FACTORS,
+    adaptive_attack,
     adaptive_spec,
     attack_cell,
-    objective_factory,
     reference_cell,
     rejected,
     spec_key,
@@ -215,9 +214,8 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
         ctx,
         found,
         (x, y, idx),
-        lambda spec, xs, ys, ids, what, eot=None: attack_cell(
-            ctx, name, dep if eot is None else replace(dep, eot=eot), spec, xs, ys, ids,
-            adaptive=True, what=what,
+        lambda spec, xs, ys, ids, what, dep=dep: attack_cell(
+            ctx, name, dep, spec, xs, ys, ids, adaptive=True, what=what
         ),
         lambda d, e, **over: adaptive_spec(d, e, **({"steps": steps} | over)),
         w,
@@ -225,17 +223,7 @@ def evaluate_robust(ctx: StudyContext, defence: Defence) -> list[dict[str, Any]]
     spec_w = adaptive_spec(dep, w, steps)
 
     def attack(xs: Tensor, ys: Tensor) -> Tensor:
-        return run_attack(
-            dep.pipeline,
-            xs,
-            ys,
-            spec_w,
-            detector=dep.detector,
-            objective_factory=objective_factory(dep),
-            batch_size=ctx.profile.batch_size,
-            seed=ctx.seed,
-            repeats=dep.repeats,
-        ).x_adv
+        return adaptive_attack(ctx, dep, spec_w, xs, ys).x_adv
 
     key = {"train": train_id(dep), "eot": dep.eot, "repeats": dep.repeats, "bpda": dep.bpda}
     square = attack_tests.evidence(

@@ -10,7 +10,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from medsec.attacks import EOT, AttackSpec, Objective, logits_forward, margin, run_attack
+from medsec.attacks import (
+    EOT,
+    AttackResult,
+    AttackSpec,
+    Objective,
+    logits_forward,
+    margin,
+    run_attack,
+)
 from medsec.attacks.criteria import majority, success_runs
 from medsec.defences.base import Deployed
 from medsec.evaluation import indicators as ind
@@ -77,7 +85,7 @@ def adaptive_spec(dep: Deployed, eps: float, steps: int, **over: Any) -> AttackS
     return AttackSpec(name, eps, **kw)
 
 
-def objective_factory(dep: Deployed) -> Callable[[Tensor, Tensor], Any]:
+def _objective_factory(dep: Deployed) -> Callable[[Tensor, Tensor], Any]:
     view = dep.attack_view if dep.attack_view is not None else dep.pipeline
 
     def make(labels: Tensor, idx: Tensor) -> Any:
@@ -85,6 +93,24 @@ def objective_factory(dep: Deployed) -> Callable[[Tensor, Tensor], Any]:
         return EOT(obj, dep.eot, batched=True) if dep.eot > 1 else obj
 
     return make
+
+
+def adaptive_attack(
+    ctx: StudyContext, dep: Deployed, spec: AttackSpec, x: Tensor, y: Tensor
+) -> AttackResult:
+    """The informed attack on the deployed defence: the margin on the attacker's view (EOT
+    where randomised), success by the deployed pipeline and its reject option, if any."""
+    return run_attack(
+        dep.pipeline,
+        x,
+        y,
+        spec,
+        detector=dep.detector,
+        objective_factory=_objective_factory(dep),
+        batch_size=ctx.profile.batch_size,
+        seed=ctx.seed,
+        repeats=dep.repeats,
+    )
 
 
 def attack_cell(
@@ -105,17 +131,7 @@ def attack_cell(
         if dep.reseed is not None:
             dep.reseed(ctx.seed)
         if adaptive:
-            res = run_attack(
-                dep.pipeline,
-                x,
-                y,
-                spec,
-                detector=dep.detector,
-                objective_factory=objective_factory(dep),
-                batch_size=ctx.profile.batch_size,
-                seed=ctx.seed,
-                repeats=dep.repeats,
-            )
+            res = adaptive_attack(ctx, dep, spec, x, y)
         else:
             source = ctx.victim if dep.transfer else dep.pipeline
             res = run_attack(source, x, y, spec, batch_size=ctx.profile.batch_size, seed=ctx.seed)
