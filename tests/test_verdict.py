@@ -99,8 +99,8 @@ def _diagnosed(tmp_path: Path, eot: int, stronger: str | None) -> dict[str, bool
                   {w: {"success": [True] * 10 + [False] * 10}}, {}, [], {})  # fmt: skip
     seen: list[tuple[str, float, int | None]] = []
 
-    def run(spec: AttackSpec, x, y, idx, what: str, eot: int | None = None) -> dict:
-        seen.append((what, spec.eps, eot))
+    def run(spec: AttackSpec, x, y, idx, what: str, dep: Deployed | None = None) -> dict:
+        seen.append((what, spec.eps, None if dep is None else dep.eot))
         hits = 15 if what == stronger else 10
         return {"asr": hits / 20, "success": [True] * hits + [False] * (20 - hits),
                 "loss_curve": [0.0, 1.0]}  # fmt: skip

@@ -32,8 +32,8 @@ TOLERANCE = 0.05  # convergence / step-size tolerance (absolute ASR)
 N_DIAG = 48  # images for the step-size sweep, the long run and the fixtures
 SWEEP = (0.5, 1.0, 2.5, 10.0, 50.0)
 
-# (spec, x, y, idx, what, eot=None) -> the attack cell of the defence under evaluation
-# (eot: EOT samples other than the deployed defence's)
+# (spec, x, y, idx, what, dep=None) -> the attack cell of the defence under evaluation
+# (dep: a variant of the deployed defence, e.g. with more EOT samples)
 AttackRun = Callable[..., dict[str, Any]]
 
 
@@ -237,7 +237,7 @@ def diagnostics(
     if dep.eot > 1:
         more = replace(dep, eot=2 * dep.eot)
         variants[f"{more.eot} EOT samples"] = run(
-            spec_for(more, eps), x, y, idx, "diag-eot2x", eot=more.eot
+            spec_for(more, eps), x, y, idx, "diag-eot2x", dep=more
         )
     curve = run(spec_for(dep, eps, restarts=1, early_stop=False), x, y, idx, "diag-curve")
     sweep = {
