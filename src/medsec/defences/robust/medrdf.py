@@ -23,13 +23,13 @@ deployed (the flag reads the vote of the forward pass on the same tensor).
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from medsec.attacks import BPDA
 from medsec.data.base import Dataset
 from medsec.defences import BuildEnv, Defence, Deployed, register_defence
+from medsec.defences.detection.base import CLEAN_FPR, threshold_at_fpr
 from medsec.defences.robust.common import paper_grid
 
 SIGMA = 0.05
@@ -37,7 +37,7 @@ VOTES = 25
 FLOOR = 1e-4
 EOT_SAMPLES = 10  # noise draws per attack step
 REPEATS = 5  # evaluations of the randomised vote (majority of runs decides success)
-REJECT_RATE = 0.05  # clean validation images the RM reject option may refuse (as detectors)
+REJECT_RATE = CLEAN_FPR  # clean validation images the RM reject option may refuse
 
 
 class MajorityVote(nn.Module):
@@ -119,9 +119,7 @@ class RobustMetricReject:
         """The threshold refusing at most ``REJECT_RATE`` of clean validation images."""
         rm = torch.cat([medrdf.robust_metric(x_val[s : s + batch_size])
                         for s in range(0, len(x_val), batch_size)]).cpu().numpy()  # fmt: skip
-        shares = np.unique(rm)  # RM takes vote-share values only: try each as threshold
-        ok = [t for t in shares if np.mean(rm < t) <= REJECT_RATE]
-        return cls(medrdf, float(max(ok)))
+        return cls(medrdf, -threshold_at_fpr(-rm, REJECT_RATE))  # refuse RM < t = flag -RM > -t
 
     def flags(self, x: Tensor) -> Tensor:
         return self.medrdf.robust_metric(x) < self.threshold - 1e-9
