@@ -210,6 +210,13 @@ _QUICK: dict[str, Callable[[bytes], object]] = {
 }
 
 
+def quick_decode(vr: str, raw: bytes) -> object:
+    """A small value decoded straight from its little-endian bytes, or None where pydicom must
+    convert it (an unusual VR, multi-valued text, an odd size)."""
+    decode = _QUICK.get(vr)
+    return decode(raw) if decode is not None else None
+
+
 def quick_value(ds: Dataset, tag: int) -> object:
     """An element's value (None when absent), decoded straight from its raw bytes where that
     is simple: a signature check reads a dozen small values, and pydicom's conversion of each
@@ -219,8 +226,7 @@ def quick_value(ds: Dataset, tag: int) -> object:
     if raw is None:
         return None
     if isinstance(raw, RawDataElement) and raw.value and raw.is_little_endian:
-        decode = _QUICK.get(raw.VR or "")
-        value = decode(raw.value) if decode is not None else None
+        value = quick_decode(raw.VR or "", raw.value)
         if value is not None:
             return value
     return ds[tag].value

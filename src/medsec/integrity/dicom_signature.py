@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from medsec.errors import MedsecError
 from medsec.integrity.crypto import WEAK_MACS, dicom_mac_name, new_hash, sign_digest
@@ -39,11 +39,12 @@ from medsec.integrity.keys import PrivateKey, load_certificate, load_private_key
 from medsec.integrity.mac_stream import (
     DIGITAL_SIGNATURES_SEQUENCE,
     MAC_PARAMETERS_SEQUENCE,
-    UNHASHED_SIGNATURE_ELEMENTS,
     ByteCollector,
     MacStreamWriter,
     Sink,
     default_signed_tags,
+    item_stream,
+    mac_transfer_syntax,
     tag_str,
     tags_of,
 )
@@ -147,32 +148,6 @@ class VerificationResult:
 def _now_dt() -> str:
     now = dt.datetime.now(dt.UTC)
     return now.strftime("%Y%m%d%H%M%S.%f") + "+0000"
-
-
-def mac_transfer_syntax(ds: Dataset) -> str:
-    """Explicit VR LE, or for encapsulated pixel data or a deflated file the file's own syntax
-    (as DCMTK does; the hashed stream is Explicit VR LE in every case).
-    """
-    meta = getattr(ds, "file_meta", None)
-    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
-    if ts is not None and (ts.is_encapsulated or ts == DeflatedExplicitVRLittleEndian):
-        return str(ts)
-    return ExplicitVRLittleEndian
-
-
-def item_stream(sig_item: Dataset, writer: MacStreamWriter) -> bytes:
-    """The signature item's own hashed elements, encoded as they end the MAC input.
-
-    A verifier encodes them before reading any of them: read values are converted by pydicom
-    and would then have to be re-encoded, where unread ones are hashed as the bytes read.
-    """
-    sink = ByteCollector()
-    writer.sink = sink
-    writer.write_elements(
-        sig_item, [t for t in tags_of(sig_item) if t not in UNHASHED_SIGNATURE_ELEMENTS]
-    )
-    writer.flush()
-    return sink.getvalue()
 
 
 def signature_stream(

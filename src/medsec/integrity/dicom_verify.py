@@ -13,7 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import mmap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -35,7 +35,6 @@ from medsec.integrity.dicom_io import (
     UNTRUSTED_DATA_ERRORS,
     check_well_formed,
     is_deflated,
-    quick_value,
     sequence_room,
 )
 from medsec.integrity.dicom_signature import (
@@ -44,23 +43,17 @@ from medsec.integrity.dicom_signature import (
     Status,
     VerificationResult,
     creator_required,
-    item_stream,
-    mac_transfer_syntax,
-    signature_stream,
     tag_list,
 )
 from medsec.integrity.fast_read import read_explicit_le
 from medsec.integrity.keys import TrustStore, describe
+from medsec.integrity.levels import Level, SignatureItem, dataset_levels
 from medsec.integrity.mac_stream import (
-    DIGITAL_SIGNATURES_SEQUENCE,
-    MAC_PARAMETERS_SEQUENCE,
-    MacStreamWriter,
-    elements_of,
     is_signable,
     tag_str,
     tags_of,
-    walk,
 )
+from medsec.integrity.signed_bytes import scan
 
 _DT_FIELDS = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
 
@@ -89,15 +82,6 @@ def _parse_dt(value: str) -> dt.datetime | None:
     return base.replace(microsecond=micro, tzinfo=dt.timezone(offset)).astimezone(dt.UTC)
 
 
-def _signature_levels(ds: Dataset) -> Iterator[tuple[str, Dataset]]:
-    """Every dataset/item that carries a Digital Signatures Sequence, with a readable path."""
-    for path, level in walk(
-        ds, skip=frozenset({DIGITAL_SIGNATURES_SEQUENCE, MAC_PARAMETERS_SEQUENCE})
-    ):
-        if DIGITAL_SIGNATURES_SEQUENCE in level:
-            yield (path or "top level"), level
-
-
 _REQUIRED = {
     0x04000005: "MAC ID Number (0400,0005)",
     0x04000100: "Digital Signature UID (0400,0100)",
@@ -108,20 +92,9 @@ _REQUIRED = {
 }
 
 
-def _check_one(
-    check: SignatureCheck,
-    level: Dataset,
-    sig_item: Dataset,
-    trust: TrustStore,
-    writer: MacStreamWriter,
-) -> None:
+def _check_one(check: SignatureCheck, level: Level, sig: SignatureItem, trust: TrustStore) -> None:
     """Run every check of one signature, recording the first failure in ``check``."""
-    own: bytes | Exception
-    try:
-        own = item_stream(sig_item, writer)
-    except UNTRUSTED_DATA_ERRORS as exc:  # raised where the stream is needed, after the checks
-        own = exc
-    value = functools.partial(quick_value, sig_item)
+    value = sig.value
     for tag, label in _REQUIRED.items():
         if value(tag) in (None, "", b""):
             check.error = f"malformed: {label} missing"
@@ -129,23 +102,21 @@ def _check_one(
     check.mac_id = int(value(0x04000005))  # type: ignore[call-overload]
     check.uid = str(value(0x04000100))
     check.datetime = str(value(0x04000105))
-    params = level.get(MAC_PARAMETERS_SEQUENCE)
-    items = params.value if params else []
-    matches = [p for p in items if quick_value(p, 0x04000005) == check.mac_id]
+    matches = [p for p in level.mac_items() if p(0x04000005) == check.mac_id]
     if len(matches) != 1:
         what = "no" if not matches else "several"
         check.error = f"{what} MAC Parameters item for MAC ID {check.mac_id}"
         return
     mac_item = matches[0]
-    check.mac_algorithm = str(quick_value(mac_item, 0x04000015) or "")
-    ts = str(quick_value(mac_item, 0x04000010) or "")
-    if ts not in (ExplicitVRLittleEndian, mac_transfer_syntax(level)):
+    check.mac_algorithm = str(mac_item(0x04000015) or "")
+    ts = str(mac_item(0x04000010) or "")
+    if ts not in (ExplicitVRLittleEndian, level.mac_syntax()):
         check.error = f"unsupported MAC calculation transfer syntax {ts!r}"
         return
     if check.mac_algorithm not in MAC_ALGORITHMS:
         check.error = f"unsupported MAC algorithm {check.mac_algorithm!r}"
         return
-    signed = tag_list(quick_value(mac_item, 0x04000020))
+    signed = tag_list(mac_item(0x04000020))
     if not signed:
         check.error = "malformed: Data Elements Signed (0400,0020) missing"
         return
@@ -153,7 +124,8 @@ def _check_one(
     if list(check.signed_tags) != sorted(set(check.signed_tags)):
         check.error = "malformed: Data Elements Signed not in ascending order"
         return
-    present = elements_of(level)
+    tags = level.tags()
+    present = set(tags)
     absent = [t for t in check.signed_tags if t not in present]
     if absent:
         check.error = f"signed element {tag_str(absent[0])} is missing (removed after signing)"
@@ -169,10 +141,11 @@ def _check_one(
         return
     public = cert.public_key()
     try:
-        if isinstance(own, Exception):
-            raise own
+        if isinstance(sig.own, Exception):
+            raise sig.own
         digest = new_hash(check.mac_algorithm)
-        signature_stream(digest, level, list(check.signed_tags), own, writer)
+        level.feed(digest, list(check.signed_tags))
+        digest.update(sig.own)
         good = verify_digest(
             public,
             bytes(value(0x04000120)),
@@ -190,7 +163,7 @@ def _check_one(
         return
     check.valid = True
     check.creator = isinstance(public, rsa.RSAPublicKey) and not any(
-        creator_required(t) and t not in check.signed_tags for t in tags_of(level)
+        creator_required(t) and t not in check.signed_tags for t in tags
     )
     when = _parse_dt(check.datetime)
     if when is None:
@@ -228,17 +201,24 @@ def verify_dataset(
     require_signature: bool = True,
     require_creator: bool = False,
     allow_unsigned_elements: bool = False,
+    received: bytes | None = None,
 ) -> VerificationResult:
     """Verify every signature of a DICOM dataset or file against ``trust`` and the policy.
 
     Never raises for bad input: an unreadable, truncated or corrupt file is a failed result
     (status UNREADABLE). By default every signable top-level element must be covered by a valid
     signature, so nothing can be added unnoticed next to a signed image. To feed a model, read
-    the file once and verify that in-memory dataset, so what was checked is what is used.
+    the file once and verify that in-memory dataset, so what was checked is what is used; pass
+    the bytes it was read from as ``received``, and the common signed file is checked straight
+    from them once the dataset is seen to hold the same elements at the same offsets.
     """
     policy = (require_signature, require_creator, allow_unsigned_elements)
     if isinstance(source, Dataset):
-        return _verify(source, None, trust, *policy)
+        if received is not None:
+            scanned = scan(memoryview(received))
+            if scanned is not None and scanned.holds(source):
+                return _check_levels(lambda: scanned.levels, scanned.tags, trust, policy)
+        return _verify(source, None, trust, policy)
     path = Path(source)
     try:
         with open(path, "rb") as fh:
@@ -247,10 +227,13 @@ def verify_dataset(
             with mmap.mmap(fh.fileno(), 0, **_MAP_READ) as mm, sequence_room():
                 view = memoryview(mm)
                 try:
+                    scanned = scan(view)  # the common signed file, straight from its bytes
+                    if scanned is not None:
+                        return _check_levels(lambda: scanned.levels, scanned.tags, trust, policy)
                     ds = read_explicit_le(view, fh, path, _DEFER_BYTES)  # well formed
                     if ds is None:  # not the common case
                         ds = _read_lenient(fh, path, view)
-                    return _verify(ds, view, trust, *policy)
+                    return _verify(ds, view, trust, policy)
                 finally:
                     view.release()
     except MedsecError as exc:
@@ -274,41 +257,44 @@ def _read_lenient(fh: BinaryIO, path: Path, view: memoryview) -> Dataset:
     return ds
 
 
+Policy = tuple[bool, bool, bool]  # require_signature, require_creator, allow_unsigned_elements
+
+
 def _verify(
-    ds: Dataset,
-    source: memoryview | None,
-    trust: TrustStore,
-    require_signature: bool,
-    require_creator: bool,
-    allow_unsigned_elements: bool,
+    ds: Dataset, source: memoryview | None, trust: TrustStore, policy: Policy
 ) -> VerificationResult:
+    """Verify a pydicom Dataset (``source``: the mapped file it was read from, deferred)."""
+    return _check_levels(lambda: dataset_levels(ds, source), lambda: tags_of(ds), trust, policy)
+
+
+def _check_levels(
+    levels: Callable[[], Iterable[Level]],
+    tags: Callable[[], list[int]],
+    trust: TrustStore,
+    policy: Policy,
+) -> VerificationResult:
+    """Check every signature of every level, then apply the policy over the top ``tags``.
+    Both are read inside the guard: reading a corrupt element is a failed result."""
     checks: list[SignatureCheck] = []
     try:
         with sequence_room():
-            writer = MacStreamWriter.for_dataset(_NullSink(), ds, source)
-            for location, level in _signature_levels(ds):
-                for sig_item in level[DIGITAL_SIGNATURES_SEQUENCE].value:
-                    check = SignatureCheck(index=len(checks) + 1, location=location)
+            for level in levels():
+                for sig in level.signatures():
+                    check = SignatureCheck(index=len(checks) + 1, location=level.location)
                     checks.append(check)
-                    _check_one(check, level, sig_item, trust, writer)
+                    _check_one(check, level, sig, trust)
+            top = tags()
     except MedsecError as exc:
         return VerificationResult(False, Status.UNREADABLE, str(exc), signatures=checks)
     except UNTRUSTED_DATA_ERRORS as exc:
         return VerificationResult(
             False, Status.UNREADABLE, f"corrupt DICOM data ({exc})", signatures=checks
         )
-    return _decide(ds, checks, require_signature, require_creator, allow_unsigned_elements)
-
-
-class _NullSink:
-    """Placeholder sink; each signature check swaps in its own hash object."""
-
-    def update(self, data: bytes | memoryview, /) -> None:
-        raise AssertionError("stream written without a hash")
+    return _decide(top, checks, *policy)
 
 
 def _decide(
-    ds: Dataset,
+    top_tags: list[int],
     checks: list[SignatureCheck],
     require_signature: bool,
     require_creator: bool,
@@ -334,7 +320,7 @@ def _decide(
         return VerificationResult(False, Status.PROFILE, reason, checks)
     top = [c for c in checks if c.location == "top level"]
     covered = {t for c in top for t in c.signed_tags}
-    unsigned = tuple(t for t in tags_of(ds) if is_signable(t) and t not in covered)
+    unsigned = tuple(t for t in top_tags if is_signable(t) and t not in covered)
     if unsigned and not allow_unsigned_elements:
         names = ", ".join(tag_str(t) for t in unsigned[:5]) + (" ..." if len(unsigned) > 5 else "")
         reason = f"{len(unsigned)} element(s) not covered by any valid signature: {names}"

@@ -102,9 +102,11 @@ def _elements(
     return elems, pos, encoding
 
 
-def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> FileDataset | None:
-    """The file in ``view`` (mapped from ``fp``, opened from ``path``) as pydicom reads it with
-    ``defer_size=defer``, or None where this reader does not apply (see the module doc)."""
+def explicit_le_meta(
+    view: memoryview, defer: int = 1 << 16
+) -> tuple[dict[BaseTag, RawDataElement], int] | None:
+    """The File Meta elements of the file in ``view`` and where its dataset starts, or None
+    unless they are well formed (group length right) and name Explicit VR Little Endian."""
     if len(view) < 132 or view[128:132] != b"DICM":
         return None
     meta = _elements(view, 132, defer, group=0x0002)
@@ -121,6 +123,16 @@ def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> 
         return None
     if syntax.value.rstrip(b"\0 ") != ExplicitVRLittleEndian.encode("ascii"):
         return None
+    return meta_elems, pos  # type: ignore[return-value]  # the meta group has no sequences
+
+
+def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> FileDataset | None:
+    """The file in ``view`` (mapped from ``fp``, opened from ``path``) as pydicom reads it with
+    ``defer_size=defer``, or None where this reader does not apply (see the module doc)."""
+    meta = explicit_le_meta(view, defer)
+    if meta is None:
+        return None
+    meta_elems, pos = meta
     body = _elements(view, pos, defer, fp)
     if body is None or body[1] != len(view):
         return None

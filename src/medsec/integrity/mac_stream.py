@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import correct_ambiguous_vr_element, write_data_element
 from pydicom.tag import Tag
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
 
@@ -328,6 +329,32 @@ class MacStreamWriter:
         self._emit(value)
         if padded != len(value):
             self._emit(b"\x00")
+
+
+def mac_transfer_syntax(ds: Dataset) -> str:
+    """Explicit VR LE, or for encapsulated pixel data or a deflated file the file's own syntax
+    (as DCMTK does; the hashed stream is Explicit VR LE in every case).
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = getattr(meta, "TransferSyntaxUID", None) if meta is not None else None
+    if ts is not None and (ts.is_encapsulated or ts == DeflatedExplicitVRLittleEndian):
+        return str(ts)
+    return ExplicitVRLittleEndian
+
+
+def item_stream(sig_item: Dataset, writer: MacStreamWriter) -> bytes:
+    """The signature item's own hashed elements, encoded as they end the MAC input.
+
+    A verifier encodes them before reading any of them: read values are converted by pydicom
+    and would then have to be re-encoded, where unread ones are hashed as the bytes read.
+    """
+    sink = ByteCollector()
+    writer.sink = sink
+    writer.write_elements(
+        sig_item, [t for t in tags_of(sig_item) if t not in UNHASHED_SIGNATURE_ELEMENTS]
+    )
+    writer.flush()
+    return sink.getvalue()
 
 
 def tag_str(tag: int) -> str:

@@ -181,7 +181,7 @@ def _check_complete(ds: Dataset, size: int) -> None:
         raise Refusal(422, "truncated", f"DICOM ends mid-element ({size - end} stray byte(s))")
 
 
-def _verify(ds: Dataset, policy: ImagePolicy) -> VerificationResult:
+def _verify(ds: Dataset, body: bytes, policy: ImagePolicy) -> VerificationResult:
     rules = policy.rules
     result = verify_dataset(
         ds,
@@ -189,6 +189,7 @@ def _verify(ds: Dataset, policy: ImagePolicy) -> VerificationResult:
         require_signature=rules.require_signature,
         require_creator=rules.require_creator,
         allow_unsigned_elements=rules.allow_unsigned_elements,
+        received=body,
     )
     if not result.ok:
         status, code = _VERIFY_REFUSALS[result.status]
@@ -267,7 +268,7 @@ def _check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
     # The UID is read after verification: reading converts the element, and a converted
     # element costs the verifier a re-encoding.
     try:
-        verification = _verify(ds, policy) if policy.verify else None
+        verification = _verify(ds, body, policy) if policy.verify else None
         tensor, resized = _pixels(ds, policy)
     except Refusal as refusal:
         refusal.sop_instance_uid = _uid(ds, "SOPInstanceUID")
