@@ -163,7 +163,7 @@ def _check_one(check: SignatureCheck, level: Level, sig: SignatureItem, trust: T
         return
     check.valid = True
     check.creator = isinstance(public, rsa.RSAPublicKey) and not any(
-        creator_required(t) and t not in check.signed_tags for t in tags
+        map(creator_required, present.difference(check.signed_tags))
     )
     when = _parse_dt(check.datetime)
     if when is None:
@@ -320,7 +320,7 @@ def _decide(
         return VerificationResult(False, Status.PROFILE, reason, checks)
     top = [c for c in checks if c.location == "top level"]
     covered = {t for c in top for t in c.signed_tags}
-    unsigned = tuple(t for t in top_tags if is_signable(t) and t not in covered)
+    unsigned = tuple(t for t in top_tags if t not in covered and is_signable(t))
     if unsigned and not allow_unsigned_elements:
         names = ", ".join(tag_str(t) for t in unsigned[:5]) + (" ..." if len(unsigned) > 5 else "")
         reason = f"{len(unsigned)} element(s) not covered by any valid signature: {names}"

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -49,12 +50,13 @@ _U32 = struct.Struct("<I")
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 16
-_LONG = frozenset(str(vr) for vr in EXPLICIT_VR_LENGTH_32)
-# Every VR but UN, which pydicom may read as another VR (or as a sequence).
-_VRS = {str(vr).encode("ascii"): str(vr) for vr in VR if vr != VR.UN}
+# Every VR but UN (which pydicom may read as another VR, or as a sequence), and whether its
+# length takes 4 bytes after 2 reserved ones.
+_VRS = {str(vr).encode("ascii"): (str(vr), vr in EXPLICIT_VR_LENGTH_32) for vr in VR if vr != VR.UN}
 # The values a check reads from each kind of item.
 _SIGNATURE_TAGS = (0x04000005, 0x04000100, 0x04000105, 0x04000110, 0x04000115, 0x04000120)
 _MAC_TAGS = (0x04000005, 0x04000010, 0x04000015, 0x04000020)
+_NO_VR = (None, False)
 _NESTED_NOT_READ = frozenset({DIGITAL_SIGNATURES_SEQUENCE, MAC_PARAMETERS_SEQUENCE})
 
 
@@ -62,9 +64,8 @@ class _Decline(Exception):
     """Not read exactly here: pydicom reads the file."""
 
 
-@dataclass(frozen=True)
-class Element:
-    """Where an element stands in the buffer."""
+class Element(NamedTuple):
+    """Where an element stands in the buffer (a tuple: ~100 are made per file)."""
 
     vr: str
     start: int  # of the header
@@ -167,19 +168,18 @@ def _scan(view: memoryview, pos: int) -> Scanned:
     sequences: dict[int, bytes] = {}
     items: dict[int, list[dict[int, Element]]] = {}
     while pos < end:
-        tag, vr, start, length = _head(view, pos, end)
+        tag, el = _head(view, pos, end)
         if tag <= last:
             raise _Decline
         last = tag
-        if vr == "SQ":
+        if el.vr == "SQ":
             out: list[bytes | memoryview] = [bytes(view[pos : pos + 6]) + b"\0\0"]
-            items[tag], stop = _items(view, start, length, end, 1, out)
+            items[tag], stop = _items(view, el.value, el.stop, end, 1, out)
             out.append(SEQ_DELIMITER)
             sequences[tag] = b"".join(out)
-        else:
-            stop = _value_end(start, length, end)
-        elements[tag] = Element(vr, pos, start, stop)
-        pos = stop
+            el = el._replace(stop=stop)
+        elements[tag] = el
+        pos = el.stop
     scanned = Scanned(view, elements, sequences, [])
     if DIGITAL_SIGNATURES_SEQUENCE in items:
         mac = [_values(view, i, _MAC_TAGS) for i in items.get(MAC_PARAMETERS_SEQUENCE, [])]
@@ -191,27 +191,26 @@ def _scan(view: memoryview, pos: int) -> Scanned:
     return scanned
 
 
-def _head(view: memoryview, pos: int, end: int) -> tuple[int, str, int, int]:
-    """Tag, VR, value start and value length of the element header at ``pos``."""
+def _head(view: memoryview, pos: int, end: int) -> tuple[int, Element]:
+    """The tag and place of the element at ``pos``; for a sequence, ``stop`` holds its value
+    length (maybe undefined) until its items are read."""
     if pos + 8 > end:
         raise _Decline
     group, element, code, length = _HEAD.unpack_from(view, pos)
-    vr = _VRS.get(code)
+    vr, long = _VRS.get(code, _NO_VR)
     if vr is None or group == 0xFFFE:
         raise _Decline
     start = pos + 8
-    if vr in _LONG:
+    if long:
         if length != 0 or start + 4 > end:  # the reserved bytes, hashed as zero
             raise _Decline
         (length,) = _U32.unpack_from(view, start)
         start += 4
-    return group << 16 | element, vr, start, length
-
-
-def _value_end(start: int, length: int, end: int) -> int:
+    if vr == "SQ":
+        return group << 16 | element, Element(vr, pos, start, length)
     if length == _UNDEFINED or length & 1 or start + length > end:
         raise _Decline
-    return start + length
+    return group << 16 | element, Element(vr, pos, start, start + length)
 
 
 def _items(
@@ -263,19 +262,19 @@ def _body(
                 if size != 0:
                     raise _Decline
                 return elems, pos + 8
-        tag, vr, start, length = _head(view, pos, end)
+        tag, el = _head(view, pos, end)
         if tag <= last or tag in _NESTED_NOT_READ:  # a nested signature: pydicom's way
             raise _Decline
         last = tag
-        if vr == "SQ":
+        if el.vr == "SQ":
             out.append(bytes(view[pos : pos + 6]) + b"\0\0")
-            _, stop = _items(view, start, length, end, depth + 1, out)
+            _, stop = _items(view, el.value, el.stop, end, depth + 1, out)
             out.append(SEQ_DELIMITER)
+            el = el._replace(stop=stop)
         else:
-            stop = _value_end(start, length, end)
-            out.append(view[pos:stop])
-        elems[tag] = Element(vr, pos, start, stop)
-        pos = stop
+            out.append(view[pos : el.stop])
+        elems[tag] = el
+        pos = el.stop
     return elems, pos
 
 
