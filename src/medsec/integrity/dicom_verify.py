@@ -6,6 +6,9 @@ certificate to the trust store at the signature's time. Policy on top: require a
 default), require a Creator RSA signature, and refuse elements no valid signature covers
 (otherwise an attacker could add, e.g., an overlay to a signed image unnoticed). Untrusted bytes
 never raise: an unreadable, truncated or corrupt file is a result with status UNREADABLE.
+
+The checks run on a :class:`~medsec.integrity.levels.Level`, read straight from the bytes for
+the common signed file (:mod:`.signed_bytes`) and from a pydicom Dataset otherwise.
 """
 
 from __future__ import annotations
