@@ -6,8 +6,9 @@ signature inside a sequence, VR UN, an odd length, ...); the byte path uses its 
 Why by hand: pydicom's ``dcmread`` spends ~0.7 ms on the 77 elements of a radiograph
 (RG1_UNCI.dcm), 15% of hashing its 7 MB of pixels. This reader builds the same
 ``FileDataset`` of unconverted ``RawDataElement``s (same tags, VRs, lengths, offsets and
-values; values longer than ``defer`` left in the file, as pydicom defers them) straight from the mapped bytes. pydicom itself reads each undefined-length
-sequence, as dcmread does; defined-length ones stay raw until used. Anything else - another
+values; values longer than ``defer`` left in the file, as pydicom defers them) straight from
+the mapped bytes. pydicom itself reads each undefined-length sequence, as dcmread does;
+defined-length ones stay raw until used. Anything else - another
 transfer syntax, another undefined length, an unknown VR, tags out of order or repeated, a cut
 header or value, stray bytes at the end, a File Meta Group Length absent or wrong - returns
 None: the caller reads the file with pydicom and checks what pydicom forgave.
