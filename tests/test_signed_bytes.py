@@ -29,7 +29,11 @@ from medsec.integrity import (
     verify_dataset,
 )
 from medsec.integrity.dicom_signature import dataset_bytes
+from medsec.integrity.mac_stream import tags_of
 from medsec.integrity.signed_bytes import scan
+from medsec.service import gate
+from medsec.service.config import ImageRules
+from medsec.service.gate import ImagePolicy, Refusal, check_upload
 
 
 class Pki:
@@ -191,13 +195,14 @@ def test_a_signature_inside_a_sequence_goes_to_pydicom(pki: Pki, tmp_path: Path)
     assert fast.ok and [c.location for c in fast.signatures] == ["top level", "(0008,2112)[0]"]
 
 
-def _no_pydicom_path(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("the pydicom path was taken")
+def _refuse(*_: object, **__: object) -> None:
+    raise AssertionError("the pydicom path was taken")
 
-    monkeypatch.setattr(dicom_verify, "dataset_levels", refuse)
-    monkeypatch.setattr(dicom_verify, "read_explicit_le", refuse)
-    monkeypatch.setattr(dicom_verify, "_read_lenient", refuse)
+
+def _no_pydicom_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dicom_verify, "dataset_levels", _refuse)
+    monkeypatch.setattr(dicom_verify, "read_explicit_le", _refuse)
+    monkeypatch.setattr(dicom_verify, "_read_lenient", _refuse)
 
 
 def test_a_signed_radiograph_is_verified_from_its_bytes_alone(
@@ -210,26 +215,48 @@ def test_a_signed_radiograph_is_verified_from_its_bytes_alone(
     assert result.ok, result.reason
 
 
-def test_received_bytes_stand_in_only_for_the_dataset_they_encode(
+def _same_dataset(fast: pydicom.FileDataset, ref: pydicom.FileDataset) -> None:
+    assert list(fast.keys()) == list(ref.keys())
+    assert list(fast.file_meta.keys()) == list(ref.file_meta.keys())
+    for tag in tags_of(ref):  # iterating a Dataset would convert its elements
+        a, b = fast.get_item(tag, keep_deferred=True), ref.get_item(tag, keep_deferred=True)
+        assert type(a) is type(b), tag
+        if isinstance(a, RawDataElement):
+            assert tuple(a)[:7] == tuple(b)[:7], tag  # value, offset, VR, length, encoding
+    assert fast.original_encoding == ref.original_encoding
+    assert fast.original_character_set == ref.original_character_set
+    assert fast.preamble == ref.preamble
+    assert fast == ref  # every value, sequences included
+
+
+def test_the_dataset_built_from_a_scan_is_the_one_dcmread_reads(pki: Pki, signed: bytes) -> None:
+    dirs = {Path(get_testdata_file(n)).parent for n in ("RG1_UNCI.dcm", "CT_small.dcm")}
+    files = [f for d in sorted(dirs) for f in sorted(d.glob("*.dcm")) if f.stat().st_size > 0]
+    bodies = [signed] + [f.read_bytes() for f in filter(_explicit_le, files)]
+    built = 0
+    for body in bodies:
+        scanned = scan(memoryview(body))
+        if scanned is None:
+            continue
+        ds = scanned.dataset(io.BytesIO(body))
+        assert ds is not None
+        _same_dataset(ds, pydicom.dcmread(io.BytesIO(body)))
+        built += 1
+    assert built >= 30, f"only {built} files were scanned"
+
+
+def test_the_gate_verifies_and_reads_the_common_signed_file_from_one_scan(
     pki: Pki, signed: bytes, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def read() -> pydicom.Dataset:
-        return pydicom.dcmread(io.BytesIO(signed))
-
-    with monkeypatch.context() as m:  # as read: the bytes are checked, sequences included
-        _no_pydicom_path(m)
-        assert verify_dataset(read(), pki.trust, received=signed).ok
-    changed = read()
-    changed.PatientID = "someone else"
-    swapped = read()
-    raw = swapped.get_item(0x7FE00010)
-    swapped[0x7FE00010] = raw._replace(value=bytes(len(raw.value)))  # same offset and length
-    nested = read()
-    nested.SourceImageSequence[0].ReferencedSOPInstanceUID = "1.2.3"
-    charset = read()  # converted on reading: compared by value with the bytes read again
-    assert not isinstance(charset.get_item(0x00080005), RawDataElement)
-    charset.SpecificCharacterSet = "ISO_IR 192"
-    assert isinstance(swapped.get_item(0x7FE00010), RawDataElement)
-    for ds in (changed, swapped, nested, charset):  # a change in memory is never hashed as read
-        result = verify_dataset(ds, pki.trust, received=signed)
-        assert result.status is Status.INVALID, result.reason
+    policy = ImagePolicy(
+        trust=pki.trust, channels=1, image_size=16, rules=ImageRules(modalities=("CR",))
+    )
+    with monkeypatch.context() as m:  # neither pydicom's reader nor the Dataset path runs
+        m.setattr(gate, "dcmread", _refuse)
+        m.setattr(gate, "verify_dataset", _refuse)
+        checked = check_upload(signed, policy)
+    assert checked.verification is not None and checked.verification.ok
+    tampered = _tampered(signed)["nested value"]
+    with pytest.raises(Refusal) as refusal:
+        check_upload(tampered, policy)
+    assert refusal.value.code == "tampered", refusal.value.reason

@@ -56,7 +56,7 @@ from medsec.integrity.mac_stream import (
     tag_str,
     tags_of,
 )
-from medsec.integrity.signed_bytes import scan
+from medsec.integrity.signed_bytes import Scanned, scan
 
 _DT_FIELDS = ((0, 4), (4, 6), (6, 8), (8, 10), (10, 12), (12, 14))
 
@@ -204,23 +204,17 @@ def verify_dataset(
     require_signature: bool = True,
     require_creator: bool = False,
     allow_unsigned_elements: bool = False,
-    received: bytes | None = None,
 ) -> VerificationResult:
     """Verify every signature of a DICOM dataset or file against ``trust`` and the policy.
 
     Never raises for bad input: an unreadable, truncated or corrupt file is a failed result
     (status UNREADABLE). By default every signable top-level element must be covered by a valid
     signature, so nothing can be added unnoticed next to a signed image. To feed a model, read
-    the file once and verify that in-memory dataset, so what was checked is what is used; pass
-    the bytes it was read from as ``received``, and the common signed file is checked straight
-    from them once the dataset is seen to hold the same elements at the same offsets.
+    the input once and verify that reading, so what was checked is what is used: an in-memory
+    dataset, or a scan (:func:`verify_scanned`) whose dataset is built from the same scan.
     """
     policy = (require_signature, require_creator, allow_unsigned_elements)
     if isinstance(source, Dataset):
-        if received is not None:
-            scanned = scan(memoryview(received))
-            if scanned is not None and scanned.holds(source):
-                return _check_levels(lambda: scanned.levels, scanned.tags, trust, policy)
         return _verify(source, None, trust, policy)
     path = Path(source)
     try:
@@ -232,7 +226,7 @@ def verify_dataset(
                 try:
                     scanned = scan(view)  # the common signed file, straight from its bytes
                     if scanned is not None:
-                        return _check_levels(lambda: scanned.levels, scanned.tags, trust, policy)
+                        return verify_scanned(scanned, trust, *policy)
                     ds = read_explicit_le(view, fh, path, _DEFER_BYTES)  # well formed
                     if ds is None:  # not the common case
                         ds = _read_lenient(fh, path, view)
@@ -247,6 +241,20 @@ def verify_dataset(
         return VerificationResult(
             False, Status.UNREADABLE, f"{path}: not a readable DICOM file ({exc})"
         )
+
+
+def verify_scanned(
+    scanned: Scanned,
+    trust: TrustStore,
+    require_signature: bool = True,
+    require_creator: bool = False,
+    allow_unsigned_elements: bool = False,
+) -> VerificationResult:
+    """Verify a file read by :func:`~medsec.integrity.signed_bytes.scan`, straight from its
+    bytes (same policy as :func:`verify_dataset`). To feed a model, use the dataset built from
+    the same scan (``scanned.dataset``): what was checked is then what is used."""
+    policy = (require_signature, require_creator, allow_unsigned_elements)
+    return _check_levels(lambda: scanned.levels, scanned.tags, trust, policy)
 
 
 def _read_lenient(fh: BinaryIO, path: Path, view: memoryview) -> Dataset:

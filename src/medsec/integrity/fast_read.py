@@ -43,7 +43,9 @@ _CHARSET = 0x00080005
 _SEQ_END = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
 
 
-def _sequence(fp: BinaryIO, start: int, encoding: str | list[str]) -> tuple[Sequence, int] | None:
+def undefined_sequence(
+    fp: BinaryIO, start: int, encoding: str | list[str]
+) -> tuple[Sequence, int] | None:
     """An undefined-length sequence read by pydicom from ``start`` (as dcmread reads one), and
     where it ends; None unless it ends in a Sequence Delimitation Item."""
     fp.seek(start)
@@ -83,7 +85,7 @@ def _elements(
             start += 4
         last = tag
         if length == _UNDEFINED:
-            read = _sequence(fp, start, encoding) if vr == "SQ" and fp is not None else None
+            read = undefined_sequence(fp, start, encoding) if vr == "SQ" and fp else None
             if read is None:
                 return None
             elems[BaseTag(tag)] = DataElement(tag, vr, read[0], start, is_undefined_length=True)
@@ -98,7 +100,7 @@ def _elements(
         else:
             value = bytes(view[start : start + length])
         if tag == _CHARSET:  # later sequences decode text with it, as in dcmread
-            encoding = convert_encodings(convert_string(value or b"", True))
+            encoding = text_encoding(value)
         elems[BaseTag(tag)] = RawDataElement(BaseTag(tag), vr, length, value, start, False, True)
         pos = start + length
     return elems, pos, encoding
@@ -139,8 +141,25 @@ def read_explicit_le(view: memoryview, fp: BinaryIO, path: Path, defer: int) -> 
     if body is None or body[1] != len(view):
         return None
     elems, _, encoding = body  # the text encoding as read_dataset sets it
+    return file_dataset(view, meta_elems, elems, encoding, str(path))
+
+
+def text_encoding(charset: bytes | None) -> str | list[str]:
+    """The text encoding a raw Specific Character Set value sets, as pydicom's reader sets it
+    for the sequences that follow."""
+    return convert_encodings(convert_string(charset or b"", True))
+
+
+def file_dataset(
+    view: memoryview,
+    meta: dict[BaseTag, RawDataElement],
+    elems: dict[BaseTag, RawDataElement | DataElement],
+    encoding: str | list[str],
+    name: str,
+) -> FileDataset:
+    """The FileDataset dcmread makes of these File Meta and dataset elements of ``view``."""
     dataset = Dataset(elems)
     dataset.set_original_encoding(False, True, encoding)
-    ds = FileDataset(str(path), dataset, bytes(view[:128]), FileMetaDataset(meta_elems), False)
+    ds = FileDataset(name, dataset, bytes(view[:128]), FileMetaDataset(meta), False)
     ds.set_original_encoding(False, True, dataset._character_set)  # as dcmread: converts it
     return ds

@@ -20,13 +20,15 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, resize_batch
 from medsec.integrity import Status, TrustStore, VerificationResult, verify_dataset
 from medsec.integrity.dicom_io import check_depth, sequence_room
+from medsec.integrity.dicom_verify import verify_scanned
 from medsec.integrity.mac_stream import TOO_DEEP, tag_str, tags_of
+from medsec.integrity.signed_bytes import Scanned, scan
 from medsec.service.config import MAC_STRENGTH, ImageRules
 
 MAX_DIM = 4096  # rows/columns beyond this are refused before any pixel is decoded
@@ -138,8 +140,10 @@ def _inflated_size(body: bytes, start: int, limit: int) -> int:
     return size
 
 
-def _parse(body: bytes, max_inflated: int) -> Dataset:
-    """Parse the upload once; size and inflation limits are checked before pydicom runs."""
+def _parse(body: bytes, max_inflated: int) -> tuple[Dataset, Scanned | None]:
+    """Parse the upload once; size and inflation limits are checked before pydicom runs. The
+    common signed file is scanned and its dataset built from that scan (the scan is what the
+    signatures are checked on); anything else is read by pydicom."""
     if not body:
         raise Refusal(400, "empty_body", "request body is empty; send a DICOM Part 10 file")
     if len(body) < 132 or body[128:132] != b"DICM":
@@ -148,18 +152,30 @@ def _parse(body: bytes, max_inflated: int) -> Dataset:
     size = len(body)
     if syntax == DeflatedExplicitVRLittleEndian:  # element offsets count in the inflated data
         size = _inflated_size(body, start, max_inflated)
-    try:
-        ds = dcmread(io.BytesIO(body))
-    except RecursionError as exc:  # nested past the room sequence_room gives pydicom
-        raise Refusal(422, "too_deep", TOO_DEEP) from exc
-    except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
-        raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
-    _check_complete(ds, size)  # first: it reads the raw elements before anything converts them
+    scanned = scan(memoryview(body)) if syntax == ExplicitVRLittleEndian else None
+    ds = _from_scan(scanned, body) if scanned is not None else None
+    if ds is None:
+        scanned = None
+        try:
+            ds = dcmread(io.BytesIO(body))
+        except RecursionError as exc:  # nested past the room sequence_room gives pydicom
+            raise Refusal(422, "too_deep", TOO_DEEP) from exc
+        except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
+            raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
+        _check_complete(ds, size)  # first: it reads raw elements before anything converts them
     try:
         check_depth(ds)  # as sign and verify do: nesting beyond the limit is refused
     except MedsecError as exc:
         raise Refusal(422, "too_deep", str(exc)) from exc
-    return ds
+    return ds, scanned
+
+
+def _from_scan(scanned: Scanned, body: bytes) -> Dataset | None:
+    """The dataset built from the scan, or None (pydicom then reads the upload and decides)."""
+    try:
+        return scanned.dataset(io.BytesIO(body))
+    except Exception:  # untrusted bytes: whatever pydicom raises here, dcmread raises again
+        return None
 
 
 def _check_complete(ds: Dataset, size: int) -> None:
@@ -181,16 +197,13 @@ def _check_complete(ds: Dataset, size: int) -> None:
         raise Refusal(422, "truncated", f"DICOM ends mid-element ({size - end} stray byte(s))")
 
 
-def _verify(ds: Dataset, body: bytes, policy: ImagePolicy) -> VerificationResult:
+def _verify(ds: Dataset, scanned: Scanned | None, policy: ImagePolicy) -> VerificationResult:
     rules = policy.rules
-    result = verify_dataset(
-        ds,
-        policy.trust,
-        require_signature=rules.require_signature,
-        require_creator=rules.require_creator,
-        allow_unsigned_elements=rules.allow_unsigned_elements,
-        received=body,
-    )
+    checks = (rules.require_signature, rules.require_creator, rules.allow_unsigned_elements)
+    if scanned is not None:  # the dataset was built from this scan
+        result = verify_scanned(scanned, policy.trust, *checks)
+    else:
+        result = verify_dataset(ds, policy.trust, *checks)
     if not result.ok:
         status, code = _VERIFY_REFUSALS[result.status]
         raise Refusal(status, code, result.reason, result)
@@ -264,11 +277,11 @@ def check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
 
 
 def _check_upload(body: bytes, policy: ImagePolicy) -> CheckedImage:
-    ds = _parse(body, policy.max_inflated_bytes)
+    ds, scanned = _parse(body, policy.max_inflated_bytes)
     # The UID is read after verification: reading converts the element, and a converted
     # element costs the verifier a re-encoding.
     try:
-        verification = _verify(ds, body, policy) if policy.verify else None
+        verification = _verify(ds, scanned, policy) if policy.verify else None
         tensor, resized = _pixels(ds, policy)
     except Refusal as refusal:
         refusal.sop_instance_uid = _uid(ds, "SOPInstanceUID")
