@@ -15,6 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 from pydicom.dataelem import RawDataElement
+from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
@@ -169,7 +170,19 @@ def _declined(data: bytes) -> dict[str, bytes]:
         "vr un": data[:at] + un + data[at:],
         "reserved bytes": reserved,
         "stray bytes": data + b"\0\0",
+        "syntax not a UI": _syntax_as_lo(data),
     }
+
+
+def _syntax_as_lo(data: bytes) -> bytes:
+    """(0002,0010) written as LO: pydicom then reads a string, not a UID (File Meta group
+    length adjusted, so only the VR differs)."""
+    at = data.index(b"\x02\x00\x10\x00UI")
+    (size,) = struct.unpack_from("<H", data, at + 6)
+    element = b"\x02\x00\x10\x00LO" + struct.pack("<H", 20) + b"1.2.840.10008.1.2.1 "
+    out = data[:at] + element + data[at + 8 + size :]
+    (group,) = struct.unpack_from("<I", out, 140)
+    return out[:140] + struct.pack("<I", group + len(element) - 8 - size) + out[144:]
 
 
 def test_what_the_byte_path_declines_pydicom_decides(pki: Pki, signed: bytes, tmp_path) -> None:
@@ -182,6 +195,29 @@ def test_what_the_byte_path_declines_pydicom_decides(pki: Pki, signed: bytes, tm
             continue
         _assert_same(fast, verify_dataset(pydicom.dcmread(path), pki.trust))
         assert fast.ok is (name == "reserved bytes"), (name, fast.reason)
+
+
+def test_malformed_signature_sequences_are_left_to_pydicom(pki: Pki, tmp_path: Path) -> None:
+    not_sq = _radiograph()
+    not_sq.add_new(0xFFFAFFFA, "OB", b"\x01\x02")  # a Digital Signatures "Sequence" as OB
+    empty_sq = sign_dataset(_radiograph(), pki.key, pki.cert)
+    empty_sq.MACParametersSequence[0].add_new(0x04000020, "SQ", Sequence())  # Elements Signed
+    for name, ds in {"not a sequence": not_sq, "empty sequence value": empty_sq}.items():
+        path = _write(tmp_path, name, dataset_bytes(ds))
+        assert scan(memoryview(path.read_bytes())) is None, name
+        fast = verify_dataset(path, pki.trust, require_signature=False)
+        slow = verify_dataset(pydicom.dcmread(path), pki.trust, require_signature=False)
+        _assert_same(fast, slow)
+        assert fast.status is Status.UNREADABLE, (name, fast.reason)
+
+
+def test_the_gate_refuses_a_transfer_syntax_that_is_not_a_uid(pki: Pki, signed: bytes) -> None:
+    rules = ImageRules(modalities=("CR",))
+    for verify in (True, False):  # the benchmark's baseline skips the signature check
+        policy = ImagePolicy(trust=pki.trust, channels=1, image_size=16, rules=rules, verify=verify)
+        with pytest.raises(Refusal) as refusal:
+            check_upload(_syntax_as_lo(signed), policy)
+        assert refusal.value.http_status == 422, refusal.value.reason
 
 
 def test_a_signature_inside_a_sequence_goes_to_pydicom(pki: Pki, tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ Why by hand: pydicom's ``dcmread`` spends ~0.7 ms on the 77 elements of a radiog
 ``FileDataset`` of unconverted ``RawDataElement``s (same tags, VRs, lengths, offsets and
 values; values longer than ``defer`` left in the file, as pydicom defers them) straight from
 the mapped bytes. pydicom itself reads each undefined-length sequence, as dcmread does;
-defined-length ones stay raw until used. Anything else - another
-transfer syntax, another undefined length, an unknown VR, tags out of order or repeated, a cut
-header or value, stray bytes at the end, a File Meta Group Length absent or wrong - returns
-None: the caller reads the file with pydicom and checks what pydicom forgave.
+defined-length ones stay raw until used. Anything else - another transfer syntax, another
+undefined length, an unknown VR, tags out of order or repeated, a cut header or value, stray
+bytes at the end, a File Meta Group Length absent or wrong, a Transfer Syntax UID that is not
+a UI - returns None: the caller reads the file with pydicom and checks what pydicom forgave.
 """
 
 from __future__ import annotations
@@ -118,12 +118,12 @@ def explicit_le_meta(
         return None
     meta_elems, pos, _ = meta
     group_length = meta_elems.get(BaseTag(0x00020000))
-    if group_length is None or not isinstance(group_length.value, bytes):
+    if group_length is None or group_length.VR != "UL" or not isinstance(group_length.value, bytes):
         return None
     if len(group_length.value) != 4 or 144 + _LONG_LENGTH.unpack(group_length.value)[0] != pos:
         return None
-    syntax = meta_elems.get(BaseTag(0x00020010))
-    if syntax is None or not isinstance(syntax.value, bytes):
+    syntax = meta_elems.get(BaseTag(0x00020010))  # a UI, or pydicom reads no UID from it
+    if syntax is None or syntax.VR != "UI" or not isinstance(syntax.value, bytes):
         return None
     if syntax.value.rstrip(b"\0 ") != ExplicitVRLittleEndian.encode("ascii"):
         return None

@@ -95,23 +95,23 @@ class Scanned:
     def dataset(self, fp: BinaryIO, name: str = "") -> FileDataset | None:
         """The file as dcmread reads it (nothing deferred), built from this scan, so what is
         verified and what is used are one reading: raw elements as read, undefined-length
-        sequences read by pydicom from ``fp`` (the same bytes), defined-length ones raw until
-        used. None where pydicom reads a sequence otherwise than this scan did."""
+        sequences read by pydicom from ``fp`` (a file object over the scanned bytes),
+        defined-length ones raw until used. None where pydicom reads a sequence otherwise."""
         view = self.view
         elems: dict[BaseTag, RawDataElement | DataElement] = {}
         encoding: str | list[str] = default_encoding
-        for tag, (vr, _, start, stop) in self.elements.items():
+        for tag, (vr, _, at, stop) in self.elements.items():
             key = BaseTag(tag)
-            if vr == "SQ" and _U32.unpack_from(view, start - 4)[0] == _UNDEFINED:
-                read = undefined_sequence(fp, start, encoding)
+            if vr == "SQ" and _U32.unpack_from(view, at - 4)[0] == _UNDEFINED:
+                read = undefined_sequence(fp, at, encoding)
                 if read is None or read[1] != stop:
                     return None
-                elems[key] = DataElement(key, vr, read[0], start, is_undefined_length=True)
+                elems[key] = DataElement(key, vr, read[0], at, is_undefined_length=True)
                 continue
-            value = bytes(view[start:stop]) if stop > start else empty_value_for_VR(vr, raw=True)
+            value = bytes(view[at:stop]) if stop > at else empty_value_for_VR(vr, raw=True)
             if tag == _CHARSET:  # later sequences decode text with it, as in dcmread
                 encoding = text_encoding(value)
-            elems[key] = RawDataElement(key, vr, stop - start, value, start, False, True)
+            elems[key] = RawDataElement(key, vr, stop - at, value, at, False, True)
         return file_dataset(view, self.meta, elems, encoding, name)
 
 
@@ -120,11 +120,19 @@ class BytesLevel:
 
     location = "top level"
 
-    def __init__(self, scanned: Scanned, mac: list[Values], signatures: list[SignatureItem]):
-        self._scanned, self._mac, self._signatures = scanned, mac, signatures
+    def __init__(
+        self,
+        view: memoryview,
+        elements: dict[int, Element],
+        sequences: dict[int, bytes],
+        mac: list[Values],
+        signatures: list[SignatureItem],
+    ):
+        self._view, self._elements, self._sequences = view, elements, sequences
+        self._mac, self._signatures = mac, signatures
 
     def tags(self) -> list[int]:
-        return self._scanned.tags()
+        return list(self._elements)
 
     def mac_syntax(self) -> str:
         return ExplicitVRLittleEndian
@@ -137,8 +145,7 @@ class BytesLevel:
 
     def feed(self, sink: Sink, tags: list[int]) -> None:
         """Adjacent elements go to the hash as one slice of the buffer; sequences re-encoded."""
-        scanned = self._scanned
-        view, elements, sequences = scanned.view, scanned.elements, scanned.sequences
+        view, elements, sequences = self._view, self._elements, self._sequences
         start = stop = -1
         for tag in tags:
             el = elements[tag]
@@ -176,6 +183,8 @@ def _scan(view: memoryview, meta: dict[BaseTag, RawDataElement], pos: int) -> Sc
         if tag <= last:
             raise _Decline
         last = tag
+        if tag in _SIGNATURE_SEQUENCES and el.vr != "SQ":  # pydicom's way refuses it
+            raise _Decline
         if el.vr == "SQ":
             out: list[bytes | memoryview] = [bytes(view[pos : pos + 6]) + b"\0\0"]
             items[tag], stop = _items(view, el.value, el.stop, end, 1, out)
@@ -184,15 +193,15 @@ def _scan(view: memoryview, meta: dict[BaseTag, RawDataElement], pos: int) -> Sc
             el = el._replace(stop=stop)
         elements[tag] = el
         pos = el.stop
-    scanned = Scanned(view, meta, elements, sequences, [])
+    levels = []
     if DIGITAL_SIGNATURES_SEQUENCE in items:  # read now: what cannot be read declines the scan
         mac = [_values(view, i, _MAC_TAGS) for i in items.get(MAC_PARAMETERS_SEQUENCE, [])]
         signatures = [
             SignatureItem(_values(view, i, _SIGNATURE_TAGS), _own(view, i))
             for i in items[DIGITAL_SIGNATURES_SEQUENCE]
         ]
-        scanned.levels.append(BytesLevel(scanned, mac, signatures))
-    return scanned
+        levels.append(BytesLevel(view, elements, sequences, mac, signatures))
+    return Scanned(view, meta, elements, sequences, levels)
 
 
 def _head(view: memoryview, pos: int, end: int) -> tuple[int, Element]:
@@ -287,9 +296,13 @@ def _values(view: memoryview, item: dict[int, Element], tags: tuple[int, ...]) -
     values: dict[int, object] = {}
     for tag in tags:
         el = item.get(tag)
-        if el is None or el.stop == el.value:
+        if el is None:
             continue
-        if el.vr == "SQ" or (value := quick_decode(el.vr, bytes(view[el.value : el.stop]))) is None:
+        if el.vr == "SQ":  # pydicom's way cannot read a value from it either: it decides
+            raise _Decline
+        if el.stop == el.value:  # empty: absent, as quick_value's caller sees it
+            continue
+        if (value := quick_decode(el.vr, bytes(view[el.value : el.stop]))) is None:
             raise _Decline
         values[tag] = value
     return values.get

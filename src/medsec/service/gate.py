@@ -1,12 +1,13 @@
 """The gate in front of the model: parse once, verify, validate, and hand over exactly that.
 
-An upload is read with pydicom from the request bytes once; that in-memory dataset is what the
-signature check sees and what the pixels come from, so nothing can change between check and
-use. The signature is verified on the elements as received (for compressed images, the
-encapsulated stream) before any pixel is decoded; decoding then follows the model's input
-contract through :mod:`medsec.imaging.pixels`, the path its training data took. Every
-refusal is a :class:`Refusal` with an HTTP status, a short code and one line of reason (never
-a traceback).
+An upload is read from the request bytes once, and that one reading is what the signature
+check sees and what the pixels come from, so nothing can change between check and use: the
+common signed file is scanned (:mod:`medsec.integrity.signed_bytes`) and its dataset built
+from the scan; anything else is read by pydicom and verified as that dataset. The signature is
+verified on the elements as received (for compressed images, the encapsulated stream) before
+any pixel is decoded; decoding then follows the model's input contract through
+:mod:`medsec.imaging.pixels`, the path its training data took. Every refusal is a
+:class:`Refusal` with an HTTP status, a short code and one line of reason (never a traceback).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset, read_preamble
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
 from medsec.errors import MedsecError
 from medsec.imaging.pixels import InputContract, dicom_image, resize_batch
@@ -162,7 +163,7 @@ def _parse(body: bytes, max_inflated: int) -> tuple[Dataset, Scanned | None]:
             raise Refusal(422, "too_deep", TOO_DEEP) from exc
         except Exception as exc:  # untrusted bytes: any parser failure is the sender's problem
             raise Refusal(422, "corrupt", f"DICOM cannot be parsed ({type(exc).__name__})") from exc
-        _check_complete(ds, size)  # first: it reads raw elements before anything converts them
+        _check_complete(ds, size)  # (a scan is complete by construction) raw, before converting
     try:
         check_depth(ds)  # as sign and verify do: nesting beyond the limit is refused
     except MedsecError as exc:
@@ -225,8 +226,8 @@ def _pixels(ds: Dataset, policy: ImagePolicy) -> tuple[torch.Tensor, bool]:
     if "PixelData" not in ds:
         raise Refusal(422, "bad_pixels", "no Pixel Data (7FE0,0010)")
     syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is None:
-        raise Refusal(422, "bad_pixels", "no Transfer Syntax UID in the file meta")
+    if not isinstance(syntax, UID):  # absent, or read from another VR than UI: no UID
+        raise Refusal(422, "bad_pixels", "no Transfer Syntax UID (UI) in the file meta")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         samples = int(ds.get("SamplesPerPixel", 1))
