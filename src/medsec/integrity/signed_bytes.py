@@ -183,8 +183,6 @@ def _scan(view: memoryview, meta: dict[BaseTag, RawDataElement], pos: int) -> Sc
         if tag <= last:
             raise _Decline
         last = tag
-        if tag in _SIGNATURE_SEQUENCES and el.vr != "SQ":  # pydicom's way refuses it
-            raise _Decline
         if el.vr == "SQ":
             out: list[bytes | memoryview] = [bytes(view[pos : pos + 6]) + b"\0\0"]
             items[tag], stop = _items(view, el.value, el.stop, end, 1, out)
@@ -193,6 +191,8 @@ def _scan(view: memoryview, meta: dict[BaseTag, RawDataElement], pos: int) -> Sc
             el = el._replace(stop=stop)
         elements[tag] = el
         pos = el.stop
+    if any(tag in elements and tag not in items for tag in _SIGNATURE_SEQUENCES):
+        raise _Decline  # a signature sequence element that is not a sequence: pydicom's way
     levels = []
     if DIGITAL_SIGNATURES_SEQUENCE in items:  # read now: what cannot be read declines the scan
         mac = [_values(view, i, _MAC_TAGS) for i in items.get(MAC_PARAMETERS_SEQUENCE, [])]
