@@ -22,7 +22,8 @@ from medsec.attacks import (
     preset,
     run_attack,
 )
-from medsec.attacks.precision import native_bf16
+from medsec.attacks.criteria import eval_mode
+from medsec.attacks.precision import folded, native_bf16
 from medsec.errors import MedsecError
 
 
@@ -323,3 +324,31 @@ def test_gradient_lost_to_low_precision_is_counted_as_unavailable():
     fast = run_attack(model, x, y, replace(spec, precision="bf16"))
     assert float(slow.unavailable_grad.mean()) == 0.0 and slow.zero_grad_fraction == 0.0
     assert float(fast.unavailable_grad.mean()) == 1.0 and fast.zero_grad_fraction == 1.0
+
+
+def test_folded_twin_computes_the_victim_without_its_batchnorms(trained, blob_data):
+    model, _ = trained
+    x = torch.from_numpy(blob_data.test.images[:64])
+    norms = sum(type(m) is nn.BatchNorm2d for m in model.modules())
+    with eval_mode(model):  # as run_attack calls it
+        twin = folded(model)
+        with torch.no_grad():
+            want, got = model(x), twin(x)
+    assert norms > 0 and twin is not model
+    assert not any(type(m) is nn.BatchNorm2d for m in twin.modules())
+    assert sum(type(m) is nn.BatchNorm2d for m in model.modules()) == norms  # left intact
+    assert all(p.requires_grad for p in model.parameters())
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max().clamp_min(1))
+
+
+def test_nothing_is_folded_where_a_hook_could_read_a_batchnorm(trained):
+    model, _ = trained
+    norm = next(m for m in model.modules() if type(m) is nn.BatchNorm2d)
+    handle = norm.register_forward_hook(lambda *_: None)
+    try:
+        with eval_mode(model):
+            assert folded(model) is model
+    finally:
+        handle.remove()
+    plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    assert folded(plain) is plain  # nothing to fold

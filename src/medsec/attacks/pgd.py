@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from medsec.attacks.criteria import Criterion, eval_mode, loop_criterion
 from medsec.attacks.losses import Objective, create_loss, logits_forward
-from medsec.attacks.precision import PRECISIONS, fast_step, layout, resolve
+from medsec.attacks.precision import PRECISIONS, fast_step, folded, layout, resolve
 from medsec.attacks.steps import APGDStep, PGDStep, StepRule
 from medsec.attacks.transforms import EOT
 from medsec.errors import MedsecError
@@ -347,6 +347,9 @@ def run_attack(
     gen = torch.Generator().manual_seed(seed)
     outs: list[AttackResult] = []
     with eval_mode(pipeline):
+        steps_on = pipeline  # what the default objective's gradients are taken through
+        if objective_factory is None and resolve(spec.precision, device) == "bf16":
+            steps_on = folded(pipeline)
         for s in range(0, len(x), batch_size):
             xb = x[s : s + batch_size].to(device)
             yb = y[s : s + batch_size].to(device)
@@ -356,7 +359,7 @@ def run_attack(
             obj = (
                 objective_factory(aim, torch.arange(s, s + len(xb)))
                 if objective_factory
-                else default_objective(pipeline, spec, aim)
+                else default_objective(steps_on, spec, aim)
             )
             outs.append(pgd(obj, xb, crit, spec, generator=gen))
             if progress is not None:
