@@ -8,8 +8,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataelem import RawDataElement
 
+from dataset_equal import assert_same_dataset
 from medsec.integrity import TrustStore, generate_signer, sign_file, verify_dataset
 from medsec.integrity.dicom_io import quick_value
 from medsec.integrity.fast_read import read_explicit_le
@@ -35,20 +35,6 @@ def _fast(path: Path) -> pydicom.FileDataset | None:
             view.release()
 
 
-def _same(fast: pydicom.FileDataset, ref: pydicom.FileDataset) -> None:
-    assert list(fast.keys()) == list(ref.keys())
-    assert list(fast.file_meta.keys()) == list(ref.file_meta.keys())
-    for tag in tags_of(ref):  # iterating a Dataset would convert its elements
-        a, b = fast.get_item(tag, keep_deferred=True), ref.get_item(tag, keep_deferred=True)
-        assert type(a) is type(b), tag
-        if isinstance(a, RawDataElement):
-            assert tuple(a)[:7] == tuple(b)[:7], tag  # value, offset, VR, length, encoding
-    assert fast.original_encoding == ref.original_encoding
-    assert fast.original_character_set == ref.original_character_set
-    assert fast.preamble == ref.preamble
-    assert fast == ref  # every value, sequences included
-
-
 def test_direct_reader_matches_pydicom_on_every_test_file_it_reads() -> None:
     # The files on this machine (get_testdata_files would try to download the rest).
     dirs = {Path(get_testdata_file(n)).parent for n in ("RG1_UNCI.dcm", "CT_small.dcm")}
@@ -59,7 +45,7 @@ def test_direct_reader_matches_pydicom_on_every_test_file_it_reads() -> None:
         if fast is None:
             continue
         read += 1
-        _same(fast, pydicom.dcmread(path, defer_size=DEFER))
+        assert_same_dataset(fast, pydicom.dcmread(path, defer_size=DEFER))
     # The fast path must really be taken (explicit VR LE files with and without sequences).
     assert read >= 20, f"direct reader took only {read} of {len(files)} files"
 
@@ -69,7 +55,7 @@ def test_a_signed_clinical_radiograph_takes_the_direct_path(pki, tmp_path: Path)
     signed = sign_file(Path(get_testdata_file("RG1_UNCI.dcm")), tmp_path / "s.dcm", key, cert)
     fast = _fast(signed)
     assert fast is not None  # undefined-length sequences (read by pydicom) included
-    _same(fast, pydicom.dcmread(signed, defer_size=DEFER))
+    assert_same_dataset(fast, pydicom.dcmread(signed, defer_size=DEFER))
     assert verify_dataset(signed, trust).ok
 
 

@@ -14,10 +14,10 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.data import get_testdata_file
-from pydicom.dataelem import RawDataElement
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dataset_equal import assert_same_dataset
 from medsec.errors import MedsecError
 from medsec.integrity import (
     Status,
@@ -30,7 +30,6 @@ from medsec.integrity import (
     verify_dataset,
 )
 from medsec.integrity.dicom_signature import dataset_bytes
-from medsec.integrity.mac_stream import tags_of
 from medsec.integrity.signed_bytes import scan
 from medsec.service import gate
 from medsec.service.config import ImageRules
@@ -251,20 +250,6 @@ def test_a_signed_radiograph_is_verified_from_its_bytes_alone(
     assert result.ok, result.reason
 
 
-def _same_dataset(fast: pydicom.FileDataset, ref: pydicom.FileDataset) -> None:
-    assert list(fast.keys()) == list(ref.keys())
-    assert list(fast.file_meta.keys()) == list(ref.file_meta.keys())
-    for tag in tags_of(ref):  # iterating a Dataset would convert its elements
-        a, b = fast.get_item(tag, keep_deferred=True), ref.get_item(tag, keep_deferred=True)
-        assert type(a) is type(b), tag
-        if isinstance(a, RawDataElement):
-            assert tuple(a)[:7] == tuple(b)[:7], tag  # value, offset, VR, length, encoding
-    assert fast.original_encoding == ref.original_encoding
-    assert fast.original_character_set == ref.original_character_set
-    assert fast.preamble == ref.preamble
-    assert fast == ref  # every value, sequences included
-
-
 def test_the_dataset_built_from_a_scan_is_the_one_dcmread_reads(pki: Pki, signed: bytes) -> None:
     dirs = {Path(get_testdata_file(n)).parent for n in ("RG1_UNCI.dcm", "CT_small.dcm")}
     files = [f for d in sorted(dirs) for f in sorted(d.glob("*.dcm")) if f.stat().st_size > 0]
@@ -276,7 +261,7 @@ def test_the_dataset_built_from_a_scan_is_the_one_dcmread_reads(pki: Pki, signed
             continue
         ds = scanned.dataset(io.BytesIO(body))
         assert ds is not None
-        _same_dataset(ds, pydicom.dcmread(io.BytesIO(body)))
+        assert_same_dataset(ds, pydicom.dcmread(io.BytesIO(body)))
         built += 1
     assert built >= 30, f"only {built} files were scanned"
 
