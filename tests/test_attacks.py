@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from unittest import mock
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from medsec.attacks import (
     run_attack,
 )
 from medsec.attacks.criteria import eval_mode
+from medsec.attacks.pgd import pgd
 from medsec.attacks.precision import folded, native_bf16
 from medsec.errors import MedsecError
 
@@ -352,3 +354,53 @@ def test_nothing_is_folded_where_a_hook_could_read_a_batchnorm(trained):
         handle.remove()
     plain = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
     assert folded(plain) is plain  # nothing to fold
+
+
+class _AskLog:
+    """A randomised pipeline's criterion stand-in: records the step id (pixel 0 of the
+    iterate) of every row it is asked about; ``win_at`` = the step whose iterate succeeds."""
+
+    def __init__(self, repeats: int, win_at: int) -> None:
+        self.repeats, self.win_at, self.asked = repeats, win_at, []
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        steps = x.flatten(1)[:, 0].round().long()
+        self.asked += steps.tolist()
+        return steps == self.win_at
+
+
+def _scripted_loop(values: list[float], repeats: int, win_at: int, **spec_kw):
+    """One image whose iterate at step t carries t in pixel 0 (the step rule moves it by
+    one), and an objective scripted per step; returns the criterion's log and the result."""
+    x = torch.zeros(1, 1, 1, 1)
+    t = iter(range(len(values)))
+
+    def objective(xa: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return (xa.sum() * 0 + values[next(t)]).expand(len(xa))
+
+    class _Count:  # a step rule that writes the next step id into pixel 0
+        def step(self, xa, grad, value, k):
+            return torch.full_like(xa, float(k + 1))
+
+        def keep(self, mask):
+            pass
+
+    crit = _AskLog(repeats, win_at)
+    spec = AttackSpec("s", 1.0, steps=len(values), random_start=False, **spec_kw)
+    with mock.patch("medsec.attacks.pgd._rule", lambda *a: _Count()):
+        res = pgd(objective, x, crit, spec)
+    return crit.asked, res
+
+
+def test_randomised_criterion_is_asked_about_each_new_best_iterate_before_stepping():
+    """On a randomised pipeline the loop asks only about iterates that are the restart's best
+    so far (what it could return), at the iterate the objective was measured on."""
+    values = [0.0, -1.0, 2.0, 1.0, 1.5, 3.0, 3.0, 0.0]
+    asked, res = _scripted_loop(values, repeats=20, win_at=-1)
+    assert asked == [0, 2, 5]  # 3.0 at step 6 only ties the best
+    assert not res.success.any() and float(res.x_adv.flatten()[0]) == 5.0  # best, judged
+    asked, res = _scripted_loop(values, repeats=20, win_at=2)
+    assert asked == [0, 2] and res.success.all() and float(res.x_adv.flatten()[0]) == 2.0
+    # a deterministic pipeline (one call per question) is asked after every step
+    asked, res = _scripted_loop(values, repeats=1, win_at=-1)
+    assert asked == list(range(1, len(values) + 1))

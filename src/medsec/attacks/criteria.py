@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from medsec.attacks.losses import as_two_logits
 
 # The attack loop's rule on a randomised pipeline: stop only once LOOP_QUORUM of
-# LOOP_REPEATS fresh calls are fooled. The loop tests every step, so a lax rule stops on a
+# LOOP_REPEATS fresh calls are fooled. The loop tests many iterates, so a lax rule stops on a
 # lucky draw (winner's curse), and the final majority re-evaluation then flips the point.
 # Measured on MedRDF (full profile, 100 images): 4 of 5 calls left 16-20% of the loop's
 # successes failing the final majority (silent success); the stricter rule only stops on
