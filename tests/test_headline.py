@@ -46,3 +46,11 @@ def test_record_intervals_and_which_attack_removed_the_gain():
     kind, table = headline.blocks([rec | {"verdict": "partly robust"}])[1]
     assert kind == "table" and table["rows"][0][-1] == "partly robust"
     assert table["rows"][0][5].startswith("0.500 [")
+
+
+def test_parts_say_what_each_part_of_the_informed_attacker_adds():
+    found = {"PGD": [1, 1, 0, 0, 0], "APGD": [1, 0, 1, 0, 0], "paper": [0, 0, 0, 0, 0]}
+    got = headline.parts(found)
+    assert got["PGD"] == {"asr": 0.4, "only": 0.2} and got["APGD"] == {"asr": 0.4, "only": 0.2}
+    assert got["paper"] == {"asr": 0.0, "only": 0.0}
+    assert "APGD (0.400; 0.200 only by it)" in headline.parts_text(got)

@@ -33,7 +33,7 @@ def evidence(
     key: dict[str, Any],
 ) -> dict[str, Any]:
     """Square, binarization and (if ``dep.certify``) certificate checks at ``eps``;
-    ``white_box`` is the adaptive attack's per-image success on ``attacked`` images, and
+    ``white_box`` is the informed attacker's per-image success on ``attacked`` images, and
     ``attack(x, y) -> x_adv`` the adaptive attack itself; ``key`` identifies the defence.
     Returns the Square cell (its ``asr`` and per-image ``success``)."""
     x, y = attacked

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from medsec.attacks import AttackSpec
 from medsec.evaluation.context import rate_ci
 from medsec.evaluation.verdict import verdict
@@ -48,6 +50,22 @@ def working_budget(
         return fallback, "no non-adaptive gain measured: the study's headline eps"
     eps = max(gains, key=lambda e: (gains[e], -e))
     return eps, f"largest non-adaptive gain ({gains[eps]:+.3f})"
+
+
+def parts(found: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """What each part of the informed attacker adds: per part (name -> per-image success),
+    its own success rate and the share of images only it fools."""
+    hits = {k: np.asarray(v, dtype=bool) for k, v in found.items()}
+    out = {}
+    for k, mine in hits.items():
+        rest = [v for j, v in hits.items() if j != k]
+        alone = mine & ~np.any(rest, axis=0) if rest else mine
+        out[k] = {"asr": float(mine.mean()), "only": float(alone.mean())}
+    return out
+
+
+def parts_text(p: dict[str, dict[str, float]]) -> str:
+    return ", ".join(f"{k} ({v['asr']:.3f}; {v['only']:.3f} only by it)" for k, v in p.items())
 
 
 def whitebox_spec(eps: float) -> AttackSpec:
