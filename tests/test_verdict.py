@@ -37,6 +37,10 @@ def _row(asr: float, victim: float, n: int = 200, working: float | None = None) 
 def test_broken_partly_robust_and_inconclusive():
     assert verdict("d", [_row(0.97, 1.0)], []).label == "broken"  # interval reaches 1.0
     assert verdict("d", [_row(0.50, 1.0)], []).label == "partly robust"
+    # within the victim's interval but below 0.95 of its rate: neither broken nor a gain
+    between = verdict("d", [_row(0.90, 0.97, n=50)], [])
+    assert between.label == "inconclusive" and "not significantly" in between.reason
+    assert verdict("d", [_row(0.93, 0.97, n=50)], []).label == "broken"
     failed = [Check("d: indicator: silent success", False, "", "d", "validity")]
     found = verdict("d", [_row(0.97, 1.0)], failed)
     assert found.label == "inconclusive" and "silent success" in found.reason

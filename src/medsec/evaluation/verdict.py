@@ -8,8 +8,11 @@
 - broken: at the budget where the defence works (its headline record's eps: the declared
   ``working_eps``, else where its non-adaptive gain is largest; else 4/255), the informed
   attacker's success rate is not significantly below the undefended victim's under the
-  same budget (the two 95% intervals overlap, both measured on n images);
-- partly robust: significantly below the victim's level there.
+  same budget (the two 95% intervals overlap, both measured on n images) and at least
+  ``BROKEN_SHARE`` of it;
+- partly robust: significantly below the victim's level there;
+- inconclusive also where neither holds: below ``BROKEN_SHARE`` of the victim's rate but
+  not significantly (more images would decide).
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ from typing import Any
 from medsec.evaluation.context import rate_ci
 
 DEFAULT_EPS_255 = 4.0
+# "back to the victim's level": the informed attacker's ASR is not significantly below the
+# undefended victim's AND at least this share of it (the claims issue's bar for "broken")
+BROKEN_SHARE = 0.95
 JUDGED = ("robustification", "detection")
 
 
@@ -63,16 +69,26 @@ def verdict(name: str, rows: list[dict[str, Any]], checks: list[Any]) -> Verdict
     where = f"at {eps:g}/255" + (
         " (its working budget)" if working else " (no working budget: the headline eps)"
     )
+    # the victim's level reached: not significantly below it (the intervals overlap)
+    reached = victim is None or (high is not None and high >= rate_ci(victim, row["n"])[0])
     if failed:
         label = "inconclusive"
         reason = f"validity checks failed: {'; '.join(failed)}"
-    elif victim is None or (high is not None and high >= rate_ci(victim, row["n"])[0]):
+    elif victim is None or (reached and asr >= BROKEN_SHARE * victim):
         label = "broken"  # the attack's successes are the evidence; a test of its strength
         reason = (  # that could not be run takes nothing from them
             f"{where} the informed attacker reaches ASR {asr:.3f} [{low:.3f}, {high:.3f}], "
             "not significantly below the undefended victim's "
             + ("(not measured)" if victim is None else f"{victim:.3f}")
+            + f" and at least {BROKEN_SHARE:g} of it"
             + (f" (could not be run: {'; '.join(not_run)})" if not_run else "")
+        )
+    elif reached:
+        label = "inconclusive"
+        reason = (
+            f"{where} ASR {asr:.3f} [{low:.3f}, {high:.3f}] is below {BROKEN_SHARE:g} of the "
+            f"undefended victim's {victim:.3f} but not significantly: neither back to the "
+            f"victim's level nor a significant gain on {row['n']} images"
         )
     elif not_run:
         label = "inconclusive"
