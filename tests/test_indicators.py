@@ -229,3 +229,13 @@ def test_unconstrained_run_takes_the_bounded_steps_from_the_clean_image(trained,
     wide = replace(bounded, eps=1.0)  # steps scaled to eps = 1, from a uniform-noise start
     assert ind.unconstrained(asr(wide), len(x)).passed is False  # measured 0.49
     assert ind.unconstrained(asr(free), len(x)).passed
+
+
+def test_a_share_at_the_tolerance_passes_and_one_image_more_fails():
+    """2 of 40 is exactly the tolerance (a float32 mean once read it as 0.0500000007)."""
+    final = torch.zeros(40, dtype=torch.bool)
+    at = torch.zeros(40, dtype=torch.bool)
+    at[:2] = True
+    assert ind.silent_success(at, final).passed and ind.transfer_failure(at, final).passed
+    at[2] = True
+    assert not ind.silent_success(at, final).passed
